@@ -1,0 +1,91 @@
+"""Layers shared by several stages: sinusoidal time embedding, its MLP, and config parsing helpers."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ModelLoadError(Exception):
+    """A model folder, config or weight file that this project cannot use; the message names path and fix."""
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) (DDPM / ADM; f_k = exp(-ln(1e4) k / (dim/2 - shift)))."""
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(10000.0) * k / (half - freq_shift))  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb  # (B, dim)
+
+
+class TimestepMLP(nn.Module):
+    """Lin2(SiLU(Lin1(x))): the time-embedding MLP (keys linear_1 / linear_2 as in diffusers)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden_dim)
+        self.linear_2 = nn.Linear(hidden_dim, out_dim or hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def broadcast_timestep(t: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar or (B,) timestep -> (B,) float32 tensor."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        t = t[None]
+    return t.float().expand(batch)
+
+
+def config_from_dict(cls: type, raw: dict[str, Any], path: str, *, fixed: dict[str, tuple] = {},
+                     ignored: frozenset[str] = frozenset(), rename: dict[str, str] = {}, strict: bool = True) -> Any:
+    """Build the frozen dataclass `cls` from a diffusers/transformers config dict.
+
+    Keys starting with "_" and `ignored` keys are metadata. `fixed` keys are architecture switches this
+    project implements for one set of values only: any other value is refused by name. Any other unknown
+    key is refused too (unless `strict` is False: transformers configs carry dozens of generic generation
+    keys), so a checkpoint of a different architecture never loads silently.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        field = rename.get(key, key)
+        if field in names:
+            kwargs[field] = tuple(value) if isinstance(value, list) else value
+        elif key in fixed:
+            if value not in fixed[key]:
+                allowed = ", ".join(repr(v) for v in fixed[key])
+                raise ModelLoadError(
+                    f"{path}: config value {key}={value!r} is not supported by this engine (supported: {allowed}); "
+                    "this checkpoint has a different architecture from unCLIP/Karlo")
+        elif strict:
+            raise ModelLoadError(
+                f"{path}: config key {key!r} is not supported by this engine; remove it if it is metadata, "
+                "otherwise this checkpoint has a different architecture from unCLIP/Karlo")
+    try:
+        cfg = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: invalid config: {e}") from None
+    return cfg
+
+
+def config_to_dict(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inverse of config_from_dict (tuples as lists), with metadata keys first."""
+    out = dict(extra or {})
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
