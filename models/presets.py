@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
         text_proj=TextProjConfig(clip_embeddings_dim=128, cross_attention_dim=192, time_embed_dim=4 * 32),
         decoder=_decoder(64, (32, 64, 96, 128), 2, 32, 192, groups=16),
         sr256=_sr(256, (16, 32, 64, 96), 1, groups=8),
-        sr1024=_sr(1024, (8, 16, 32), 1, groups=4),
+        sr1024=_sr(1024, (4, 8, 16, 32), 1, groups=4),
         image_encoder=ImageEncoderConfig(hidden_size=128, intermediate_size=512, projection_dim=128,
                                          num_hidden_layers=4, num_attention_heads=4, image_size=224, patch_size=32),
     ),

@@ -1,0 +1,32 @@
+"""The `torch` backend: the reference networks of unclip.models, on CPU or CUDA, in fp32, fp16 or bf16."""
+from __future__ import annotations
+
+import torch
+
+from unclip.export.contract import contracts
+from unclip.engine.spec import spec_from_model
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, device: str | torch.device = "cpu", precision: str = "fp32", max_batch: int = 64):
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        self.model = model.to(self.device, self.dtype).eval()
+        self.spec = spec_from_model(model)
+        self.contracts = contracts(self.spec, max_batch)
+        self.nets = model.networks()
+
+    def max_batch(self, network: str) -> int:
+        return self.contracts[network].profile[2]
+
+    @torch.inference_mode()
+    def run(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.contracts[network]
+        args = [inputs[t.name] for t in c.inputs]
+        outs = self.nets[network](*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return {t.name: o for t, o in zip(c.outputs, outs)}
