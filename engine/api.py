@@ -1,0 +1,126 @@
+"""The Python API behind `unclip-run`: resolve the model and backend, export engines when missing, generate in
+chunks no larger than the engines' max batch, and write PNGs."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from unclip.engine.pipeline import Result, Settings, generate
+
+log = logging.getLogger(__name__)
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+PRESET_NOTE = ("using the built-in '{name}' preset: its weights are random, so images look like noise; "
+               "README.md 'Real Karlo weights' explains how to use Karlo's")
+
+
+class UserError(Exception):
+    """Bad input from the user; the message is one line naming the problem and the fix."""
+
+
+def load_torch_model(model: str):
+    """A preset name or a model folder -> UnCLIPModel (fp32, CPU)."""
+    from unclip.models import PRESETS, ModelLoadError, build_preset, load_model
+    if model in PRESETS:
+        if model == "karlo":
+            raise UserError("the 'karlo' preset is for shape checks (3.4 B random parameters); "
+                            "pass --model PATH to a downloaded Karlo folder instead")
+        return build_preset(model)
+    try:
+        return load_model(model)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+
+
+def model_name(model: str) -> str:
+    return Path(model).name if os.sep in model or Path(model).exists() else model
+
+
+def default_engines_dir(model: str, precision: str) -> Path:
+    return Path("engines") / f"{model_name(model)}-{precision}"
+
+
+def make_backend(backend: str, model: str, engines: str | None, device: str, precision: str, max_batch: int,
+                 notify=print):
+    from unclip.export.artifacts import ExportError
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        from unclip.engine.backend_torch import DTYPES, TorchBackend
+        if precision not in DTYPES:
+            raise UserError(f"--precision {precision!r} is not one of {', '.join(DTYPES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+        return TorchBackend(load_torch_model(model), device, precision, max_batch)
+    out = Path(engines) if engines else default_engines_dir(model, precision)
+    fix = f"unclip-export --model {model} --out {out} --precision {precision}" + (" --trt" if backend == "tensorrt" else "")
+    try:
+        if backend == "onnxruntime":
+            from unclip.engine.backend_ort import BackendUnavailable, OnnxRuntimeBackend
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise UserError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
+                                "(or onnxruntime-gpu for CUDA, never both)") from None
+            if not (out / "manifest.json").exists():
+                notify(f"no engines in {out}: exporting {model} ({precision}) first")
+                from unclip.export.onnx_export import export_model
+                export_model(load_torch_model(model), out, precision=precision, max_batch=max_batch, source=model)
+            try:
+                b = OnnxRuntimeBackend(out, device, fix)
+            except BackendUnavailable as e:
+                raise UserError(str(e)) from None
+        else:
+            from unclip.engine.backend_trt import TensorRTBackend
+            b = TensorRTBackend(out, device, fix)
+        if b.manifest.get("source") not in (None, "", model):
+            raise UserError(f"{out} holds engines of {b.manifest['source']!r}, not {model!r}; pass --engines for "
+                            f"another folder or run: {fix} --force")
+        return b
+    except ExportError as e:
+        raise UserError(str(e)) from None
+
+
+def run(prompt: str, model: str = "small", backend: str = "onnxruntime", engines: str | None = None,
+        device: str = "cpu", precision: str = "fp32", out: str = "out", dump: str | None = None, max_batch: int = 4,
+        settings: Settings = Settings(), progress=None, notify=print) -> list[Path]:
+    """Generate settings.num_images images of `prompt`; returns the PNG paths."""
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".unclip-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    b = make_backend(backend, model, engines, device, precision, max_batch, notify)
+    spec = b.spec
+    if settings.size == 1024 and spec.sr1024_size is None:
+        raise UserError(f"--size 1024: model {spec.name!r} has no 256->1024 stage (no sr1024/ folder); "
+                        "use --size 256")
+    chunk = max(1, min(b.max_batch(n) // (2 if n in ("prior", "decoder") else 1)
+                       for n in ("prior", "decoder", "sr256_first")))
+    results: list[Result] = []
+    for first in range(0, settings.num_images, chunk):
+        n = min(chunk, settings.num_images - first)
+        results.append(generate(b, spec, prompt, replace(settings, num_images=n), progress=progress,
+                                first_image=first, keep=dump is not None))
+    images = torch.cat([r.images for r in results])
+    params = {"prompt": prompt, "seed": settings.seed, "steps": {k: v for k, v in asdict(settings).items() if
+                                                                  k.endswith("_steps")},
+              "guidance": {"prior": settings.prior_guidance, "decoder": settings.decoder_guidance},
+              "sampler": settings.sampler, "eta": settings.eta, "negative": settings.negative, "model": model,
+              "backend": backend, "precision": precision, "size": settings.size}
+    from unclip.engine.outputs import save_dump, save_png
+    paths = [save_png(img, out_dir / f"{settings.seed}-{i}.png", {**params, "image_index": i})
+             for i, img in enumerate(images)]
+    if dump:
+        inter = {k: torch.cat([r.intermediates[k].cpu() for r in results]) for k in results[0].intermediates}
+        # Images as float32 (B, 3, H, W) in [-1, 1]; tokens/mask of the batch as run ([uncond; cond] with guidance).
+        save_dump(Path(dump), inter, {"settings": asdict(settings), "model": model, "backend": backend,
+                                      "precision": precision, "prompt": prompt, "timesteps": results[0].timesteps})
+    return paths

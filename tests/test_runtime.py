@@ -1,0 +1,172 @@
+"""Runtime behaviour on the tiny preset: backends agree, guidance fusion, determinism, chunking, export checks."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.engine.backend_ort import OnnxRuntimeBackend
+from unclip.engine.backend_torch import TorchBackend
+from unclip.engine.pipeline import Settings, _guided, generate
+from unclip.export.artifacts import ExportError
+from unclip.export.contract import contracts
+from unclip.export.onnx_export import export_model
+from unclip.models import build_preset
+
+FAST = Settings(prior_steps=5, decoder_steps=5, sr256_steps=3, sr1024_steps=3)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "tiny"
+    export_model(build_preset("tiny"), out, source="tiny")
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_backend():
+    return TorchBackend(build_preset("tiny"))
+
+
+@pytest.mark.parametrize("settings", [Settings(), Settings(size=1024, seed=3, sampler="unclip")])
+def test_onnxruntime_and_torch_give_the_same_image(engines, torch_backend, settings):
+    ort_b = OnnxRuntimeBackend(engines)
+    a = generate(ort_b, ort_b.spec, "a photo of a cat", settings).images.float() / 255
+    b = generate(torch_backend, torch_backend.spec, "a photo of a cat", settings).images.float() / 255
+    d = (a - b).abs()
+    assert d.mean() <= 2e-3 and (d > 0.05).float().mean() <= 1e-3, (d.mean(), (d > 0.05).float().mean())
+
+
+def test_one_step_at_a_time_onnxruntime(engines, torch_backend):
+    ort_b = OnnxRuntimeBackend(engines)
+    for net, c in contracts(ort_b.spec).items():
+        inp = c.sample_inputs(3, ort_b.spec, seed=9)
+        a, b = ort_b.run(net, inp), torch_backend.run(net, inp)
+        for k in b:
+            assert (a[k] - b[k]).abs().max() <= 1e-4 * max(b[k].abs().max(), 1e-6), (net, k)
+
+
+def test_fused_guidance_equals_separate_calls(torch_backend):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 4, 4, generator=g), torch.full((2,), 500.0)
+    cond_u, cond_c = torch.randn(2, 6, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)
+    calls = []
+
+    def run(x, t, i):  # a toy model whose output depends on which half it sees
+        calls.append(x.shape[0])
+        return torch.cat([x, x], 1) * torch.cat([cond_u, cond_c])[: x.shape[0]] + t[:, None, None, None] / 1000
+
+    out = _guided(run, 8.0, eps_channels=3)(x, t, 0)
+    u = torch.cat([x, x], 1) * cond_u + 0.5
+    c = torch.cat([x, x], 1) * cond_c + 0.5
+    assert calls == [4]
+    assert torch.allclose(out[:, :3], u[:, :3] + 8 * (c[:, :3] - u[:, :3]))
+    assert torch.equal(out[:, 3:], c[:, 3:])  # learned variance from the conditional half
+
+
+def test_guidance_one_runs_the_conditional_half_only(torch_backend):
+    seen = []
+    orig = torch_backend.run
+
+    def spy(net, inp):
+        seen.append((net, next(iter(inp.values())).shape[0]))
+        return orig(net, inp)
+
+    torch_backend.run = spy
+    try:
+        generate(torch_backend, torch_backend.spec, "cat", Settings(prior_guidance=1.0, decoder_guidance=1.0,
+                                                                     prior_steps=2, decoder_steps=2, sr256_steps=2))
+    finally:
+        torch_backend.run = orig
+    assert all(b == 1 for _, b in seen), seen
+
+
+def test_same_seed_same_pixels(torch_backend):
+    a = generate(torch_backend, torch_backend.spec, "cat", FAST).images
+    b = generate(torch_backend, torch_backend.spec, "cat", FAST).images
+    c = generate(torch_backend, torch_backend.spec, "cat", Settings(**{**FAST.__dict__, "seed": 1})).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_chunked_batches_equal_one_batch(torch_backend):
+    s = Settings(**{**FAST.__dict__, "num_images": 3})
+    whole = generate(torch_backend, torch_backend.spec, "cat", s).images
+    parts = [generate(torch_backend, torch_backend.spec, "cat", Settings(**{**FAST.__dict__, "num_images": n}),
+                      first_image=f).images for f, n in ((0, 2), (2, 1))]
+    d = (whole.float() - torch.cat(parts).float()).abs() / 255
+    assert d.mean() <= 1e-4 and (d > 0.05).float().mean() <= 1e-3
+
+
+def _copy(engines, tmp_path):
+    dst = tmp_path / "e"
+    shutil.copytree(engines, dst)
+    return dst
+
+
+def test_runtime_rejects_truncated_file(engines, tmp_path):
+    d = _copy(engines, tmp_path)
+    p = d / "decoder.onnx"
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(ExportError, match=r"truncated or replaced\); run: unclip-export --model tiny"):
+        OnnxRuntimeBackend(d).session("decoder")
+
+
+def test_runtime_rejects_modified_file(engines, tmp_path):
+    d = _copy(engines, tmp_path)
+    p = d / "prior.onnx"
+    data = bytearray(p.read_bytes())
+    data[-10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"modified after export\); run: unclip-export --model tiny"):
+        OnnxRuntimeBackend(d).session("prior")
+
+
+def test_runtime_rejects_missing_manifest(engines, tmp_path):
+    d = _copy(engines, tmp_path)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="no manifest.json .* run: unclip-export"):
+        OnnxRuntimeBackend(d)
+
+
+def test_export_is_skipped_when_unchanged_and_manifest_complete(engines):
+    reports = export_model(build_preset("tiny"), engines, source="tiny")
+    assert all(r.skipped for r in reports)
+    m = json.loads((engines / "manifest.json").read_text())
+    for key in ("versions", "options", "spec", "networks"):
+        assert key in m
+    for entry in m["networks"].values():
+        assert entry["max_abs"] <= 1e-4 and all(len(r["sha256"]) == 64 for r in entry["files"].values())
+
+
+def test_interrupted_export_is_loadable_or_refused(engines, tmp_path, monkeypatch):
+    """Kill the export after it has replaced one file: the old manifest no longer matches, so it's refused."""
+    d = _copy(engines, tmp_path)
+    import unclip.export.onnx_export as ox
+    real = ox.file_record
+
+    def die(path):
+        raise KeyboardInterrupt  # the process dies right after renaming the new graph into place
+
+    monkeypatch.setattr(ox, "file_record", die)
+    other = build_preset("tiny")
+    with torch.no_grad():
+        other.decoder.conv_out.bias += 1  # different weights: the decoder must be re-exported
+    with pytest.raises(KeyboardInterrupt):
+        export_model(other, d, stages=["decoder"], source="tiny")
+    monkeypatch.setattr(ox, "file_record", real)
+    b = OnnxRuntimeBackend(d)
+    with pytest.raises(ExportError, match="no decoder graph in this export; run: unclip-export"):
+        b.session("decoder")
+    b.session("prior")  # untouched networks still load
+    assert not (d / ".export.lock").exists()
+
+
+def test_concurrent_export_refused(engines, tmp_path):
+    d = _copy(engines, tmp_path)
+    import os
+    (d / ".export.lock").write_text(str(os.getppid()))  # a live process holds the lock
+    with pytest.raises(ExportError, match="another export"):
+        export_model(build_preset("tiny"), d, source="tiny")
