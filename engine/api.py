@@ -57,7 +57,8 @@ def make_backend(backend: str, model: str, engines: str | None, device: str, pre
             raise UserError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
         return TorchBackend(load_torch_model(model), device, precision, max_batch)
     out = Path(engines) if engines else default_engines_dir(model, precision)
-    fix = f"unclip-export --model {model} --out {out} --precision {precision}" + (" --trt" if backend == "tensorrt" else "")
+    fix = (f"unclip-export --model {model} --out {out} --precision {precision} --force"
+           + (" --trt" if backend == "tensorrt" else ""))
     try:
         if backend == "onnxruntime":
             from unclip.engine.backend_ort import BackendUnavailable, OnnxRuntimeBackend
@@ -104,11 +105,15 @@ def run(prompt: str, model: str = "small", backend: str = "onnxruntime", engines
                         "use --size 256")
     chunk = max(1, min(b.max_batch(n) // (2 if n in ("prior", "decoder") else 1)
                        for n in ("prior", "decoder", "sr256_first")))
+    from unclip.export.artifacts import ExportError
     results: list[Result] = []
-    for first in range(0, settings.num_images, chunk):
-        n = min(chunk, settings.num_images - first)
-        results.append(generate(b, spec, prompt, replace(settings, num_images=n), progress=progress,
-                                first_image=first, keep=dump is not None))
+    try:
+        for first in range(0, settings.num_images, chunk):
+            n = min(chunk, settings.num_images - first)
+            results.append(generate(b, spec, prompt, replace(settings, num_images=n), progress=progress,
+                                    first_image=first, keep=dump is not None))
+    except ExportError as e:  # engines are checked lazily, on their first call
+        raise UserError(str(e)) from None
     images = torch.cat([r.images for r in results])
     params = {"prompt": prompt, "seed": settings.seed, "steps": {k: v for k, v in asdict(settings).items() if
                                                                   k.endswith("_steps")},

@@ -18,7 +18,7 @@ from torch import nn
 
 from unclip.engine.spec import ModelSpec, spec_from_model
 from unclip.export.artifacts import (FORMAT, ExportError, export_lock, file_record, read_manifest, sha256_json,
-                                     write_manifest)
+                                     verify_files, write_manifest)
 from unclip.export.contract import STAGES, Contract, contracts
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def export_model(model, out_dir: str | os.PathLike, stages: list[str] | None = N
             key = sha256_json({"weights": weights_hash(nets[name]), "contract": repr(c), "options": options,
                                "versions": ver})
             entry = manifest["networks"].get(name)
-            if not force and entry and entry.get("key") == key and all((out / f).is_file() for f in entry["files"]):
+            if not force and entry and entry.get("key") == key and _intact(out, entry, name):
                 reports.append(NetworkReport(name, True, sum(r["size"] for r in entry["files"].values()), 0.0,
                                              entry["max_abs"], entry["rel_l2"]))
                 if progress:
@@ -219,6 +219,14 @@ def export_model(model, out_dir: str | os.PathLike, stages: list[str] | None = N
             if progress:
                 progress(reports[-1])
     return reports
+
+
+def _intact(out: Path, entry: dict, name: str) -> bool:
+    try:
+        verify_files(out, entry, name, "")
+        return True
+    except ExportError:
+        return False
 
 
 def _networks_for(stages: list[str] | None, cs: dict[str, Contract]) -> list[str]:

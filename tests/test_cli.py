@@ -1,0 +1,82 @@
+"""unclip-run through click's runner (and once as a real subprocess): outputs, PNG metadata, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from unclip.engine.cli import main
+
+FAST = ["--model", "tiny", "--prior-steps", "3", "--decoder-steps", "3", "--sr256-steps", "2"]
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def test_generates_pngs_with_metadata_and_dump(runner, tmp_path):
+    res = runner.invoke(main, ["a photo of a cat", *FAST, "--num-images", "3", "--max-batch", "2", "--dump", "d"])
+    assert res.exit_code == 0, res.output
+    assert "no engines in engines/tiny-fp32: exporting tiny" in res.stderr
+    assert "weights are random" in res.stderr
+    paths = res.stdout.split()
+    assert len(paths) == 3
+    img = Image.open(paths[0])
+    assert img.size == (64, 64) and img.text["prompt"] == "a photo of a cat" and img.text["backend"] == "onnxruntime"
+    assert json.loads(img.text["steps"])["prior_steps"] == 3
+    meta = json.loads((tmp_path / "d" / "dump.json").read_text())
+    assert meta["timesteps"]["sr256"] == [999, 0]
+    assert np.load(tmp_path / "d" / "image_256.npy").shape == (3, 3, 64, 64)
+    assert np.load(tmp_path / "d" / "image_embeds.npy").shape == (3, 32)
+
+
+def test_empty_prompt_and_torch_backend(runner):
+    res = runner.invoke(main, ["", *FAST, "--backend", "torch", "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(res.stdout.split()[0]).size == (16, 16)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "512"], "--size 512 is not one of 64, 256, 1024"),
+    (["--prior-steps", "0"], "prior-steps must be at least 1"),
+    (["--decoder-steps", "-3"], "decoder-steps must be at least 1"),
+    (["--model", "/nonexistent/model"], "no such model folder"),
+    (["--out", "/proc/forbidden"], "cannot write there"),
+    (["--eta", "-1"], "eta must be >= 0"),
+])
+def test_bad_input_one_line(runner, args, message):
+    res = runner.invoke(main, ["cat", *FAST, *args])
+    assert res.exit_code != 0
+    assert message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_size_without_stage(runner, tmp_path):
+    from unclip.models import build_preset, save_model
+    m = build_preset("tiny")
+    m.sr1024 = None
+    save_model(m, tmp_path / "no1024")
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "no1024"), "--size", "1024",
+                               "--backend", "torch"])
+    assert res.exit_code == 1 and "has no 256->1024 stage" in res.output
+
+
+def test_corrupt_engines_name_the_fix(runner, tmp_path):
+    assert runner.invoke(main, ["cat", *FAST]).exit_code == 0
+    (tmp_path / "engines" / "tiny-fp32" / "prior.onnx").write_bytes(b"broken")
+    res = runner.invoke(main, ["cat", *FAST])
+    assert res.exit_code == 1 and "run: unclip-export --model tiny --out engines/tiny-fp32" in res.output
+
+
+def test_real_subprocess_non_utf8_prompt(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "unclip-run")
+    res = subprocess.run([exe, b"caf\xe9", *FAST], cwd=tmp_path, capture_output=True)
+    assert res.returncode == 1
+    assert b"not valid UTF-8" in res.stderr and b"Traceback" not in res.stderr
