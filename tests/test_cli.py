@@ -80,3 +80,9 @@ def test_real_subprocess_non_utf8_prompt(tmp_path):
     res = subprocess.run([exe, b"caf\xe9", *FAST], cwd=tmp_path, capture_output=True)
     assert res.returncode == 1
     assert b"not valid UTF-8" in res.stderr and b"Traceback" not in res.stderr
+
+
+def test_backend_package_missing_names_it(runner, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    res = runner.invoke(main, ["cat", *FAST])
+    assert res.exit_code == 1 and "pip install onnxruntime" in res.output and "Traceback" not in res.output
