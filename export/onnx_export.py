@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 OPSET = 17  # onnxruntime's CPU Attention kernel (opset 23) rejects the decoder's broadcast mask: stay below it
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max abs error / output scale, against the fp32 torch module
 GATE_BATCHES = (1, 2)
+EXTERNAL_DATA_BYTES = 1_900_000_000  # graphs above this keep their tensors in NAME.onnx.data
 
 
 @dataclass
@@ -97,6 +98,7 @@ def versions() -> dict:
 
 def _export_onnx(wrapper: nn.Module, c: Contract, spec: ModelSpec, path: Path) -> list[str]:
     """torch -> ONNX into `path`'s directory; returns the files written (graph + external data when > 2 GB)."""
+    import onnx
     inp = c.sample_inputs(2, spec)
     names_in = [t.name for t in c.inputs]
     names_out = [t.name for t in c.outputs]
@@ -105,34 +107,31 @@ def _export_onnx(wrapper: nn.Module, c: Contract, spec: ModelSpec, path: Path) -
         torch.onnx.export(wrapper, tuple(inp[n] for n in names_in), str(path), input_names=names_in,
                           output_names=names_out, opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "B"} for n in names_in + names_out})
-    import onnx
-    model = onnx.load(str(path), load_external_data=True)
-    big = model.ByteSize() > 1_900_000_000 if hasattr(model, "ByteSize") else False
+    total = sum(f.stat().st_size for f in path.parent.iterdir())  # graph + any external tensors torch wrote
+    model = _fold_constants(onnx.load(str(path), load_external_data=True), path.name)
     for f in path.parent.iterdir():
-        if f != path:
-            f.unlink()
-    if big:  # protobuf's 2 GB limit: keep tensors in one side file
+        f.unlink()
+    if total > EXTERNAL_DATA_BYTES:  # protobuf's 2 GB limit: keep the tensors in one side file
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
         return [path.name, path.name + ".data"]
-    _fold_constants(model, path)
+    onnx.save_model(model, str(path))
     return [path.name]
 
 
-def _fold_constants(model, path: Path) -> None:
+def _fold_constants(model, name: str):
     """Clean-up and constant folding with onnx-graphsurgeon when installed (the `export` extra)."""
-    import onnx
     try:
         import onnx_graphsurgeon as gs
     except ImportError:
-        onnx.save_model(model, str(path))
-        return
-    graph = gs.import_onnx(model)
+        return model
     try:
+        graph = gs.import_onnx(model)
         graph.fold_constants().cleanup().toposort()
+        return gs.export_onnx(graph)
     except Exception as e:  # folding is an optimisation; never fail an export on it
-        log.info("constant folding skipped for %s: %s", path.name, e)
-    onnx.save_model(gs.export_onnx(graph), str(path))
+        log.info("constant folding skipped for %s: %s", name, e)
+        return model
 
 
 def ort_session(path: Path):

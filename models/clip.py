@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.models.common import attention
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's GELU approximation
     "gelu": F.gelu,
@@ -25,7 +27,7 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, T, d)
+        y = attention(q, k, v, bias)  # (B, h, T, d)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

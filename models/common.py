@@ -89,3 +89,17 @@ def config_to_dict(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, A
         v = getattr(cfg, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over (B, h, N, d) tensors.
+
+    In eager torch this is SDPA (flash / memory-efficient kernels accumulate in fp32). When exporting a
+    reduced-precision graph the scores and softmax are written out in fp32: in fp16 they overflow."""
+    if not (torch.onnx.is_in_onnx_export() and q.dtype != torch.float32):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float() * scale) @ k.float().transpose(-1, -2)  # (B, h, N, M) fp32
+    if bias is not None:
+        scores = scores + bias.float()
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.models.common import TimestepMLP, broadcast_timestep, timestep_embedding
+from unclip.models.common import TimestepMLP, attention, broadcast_timestep, timestep_embedding
 
 MASK_VALUE = -10000.0  # additive bias of masked keys, as Karlo/diffusers use
 
@@ -42,7 +42,7 @@ class _Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for p in (self.to_q, self.to_k, self.to_v))  # (B, h, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, T, d)
+        y = attention(q, k, v, bias)  # (B, h, T, d)
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))
 
 

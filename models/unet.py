@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.models.common import attention
+
 MASK_VALUE = -10000.0
 
 
@@ -81,7 +83,7 @@ class ContextAttention(nn.Module):
         q = heads(self.to_q(h))
         k = torch.cat([heads(self.add_k_proj(context)), heads(self.to_k(h))], dim=2)  # (B, h, L+HW, d)
         v = torch.cat([heads(self.add_v_proj(context)), heads(self.to_v(h))], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, HW, d)
+        y = attention(q, k, v, bias)  # (B, h, HW, d)
         y = self.to_out[0](y.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
         return x + y.transpose(1, 2).reshape(B, C, H, W)
 
