@@ -1,0 +1,374 @@
+"""Per-stage and end-to-end latency of unCLIP generation: diffusers' eager UnCLIPPipeline (the baseline users run
+today) against this project's torch and onnxruntime (and tensorrt) backends, on the same weights, prompt, seed,
+steps and guidance, side by side in one run.
+
+    python benchmarks/latency.py                      # small preset, CPU, writes benchmarks/results/latency.{md,json}
+    python benchmarks/latency.py --preset tiny --repeats 1 --out /tmp/b    # what CI runs
+
+Each backend runs in its own worker process (its own thread pool and peak-memory reading). Warm-up runs are left
+out; figures are medians over --repeats; ratios are baseline / ours computed pair by pair in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STAGE_OF = {"text_encoder": "text_encoder", "prior": "prior", "text_proj": "text_proj", "decoder": "decoder",
+            "sr256_first": "sr256", "sr256_last": "sr256", "sr1024": "sr1024"}
+STAGES = ["text_encoder", "prior", "text_proj", "decoder", "sr256", "sr1024"]
+PROMPT = "a high-resolution photograph of a big red frog on a green leaf"
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+class Timer:
+    """Accumulates time and calls per network; CUDA events on a GPU (no sync inside the loop), else wall clock."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.spans: dict[str, list] = collections.defaultdict(list)
+
+    def wrap(self, fn, name_of=lambda a, kw: a[0]):
+        def timed(*a, **kw):
+            name = name_of(a, kw)
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = fn(*a, **kw)
+                e.record()
+                self.spans[name].append((s, e))
+            else:
+                t = time.perf_counter()
+                out = fn(*a, **kw)
+                self.spans[name].append(time.perf_counter() - t)
+            return out
+        return timed
+
+    def totals(self) -> dict[str, tuple[float, int]]:
+        """network -> (seconds, calls)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for name, spans in self.spans.items():
+            secs = sum(s.elapsed_time(e) / 1000 if self.cuda else s for s in spans) if self.cuda else sum(spans)
+            out[name] = (secs, len(spans))
+        return out
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / best / 1e9
+
+
+def flops_per_call(model, batch: int) -> dict[str, float]:
+    """FLOPs of one call of each network at the batch the pipeline runs it (guided stages at 2N)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from unclip.engine.spec import spec_from_model
+    from unclip.export.contract import GUIDED, contracts
+    spec = spec_from_model(model)
+    out = {}
+    for name, c in contracts(spec).items():
+        if name == "image_encoder":
+            continue
+        b = batch * (2 if name in GUIDED else 1)
+        inp = c.sample_inputs(b, spec)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.networks()[name](*[inp[t.name] for t in c.inputs])
+        out[name] = float(fc.get_total_flops())
+    return out
+
+
+# --- workers: one backend each -------------------------------------------------------------------------------
+
+def _settings(cfg, n):
+    from unclip.engine.pipeline import Settings
+    s = cfg["steps"]
+    return Settings(seed=0, num_images=n, size=cfg["size"], prior_steps=s[0], decoder_steps=s[1], sr256_steps=s[2],
+                    sr1024_steps=s[3], sampler=cfg["sampler"])
+
+
+def worker_ours(cfg: dict) -> dict:
+    from unclip.engine.api import make_backend
+    t = time.perf_counter()
+    b = make_backend(cfg["backend"], cfg["model"], cfg["engines"], cfg["device"], cfg["precision"], cfg["batch"],
+                     notify=lambda m: print(m, file=sys.stderr))
+    for name in b.spec.networks:  # load every session/engine now: cold start, not first-step time
+        if hasattr(b, "session"):
+            b.session(name)
+    from unclip.engine.pipeline import generate
+    timer = Timer(cfg["device"])
+    b.run = timer.wrap(b.run)
+
+    def gen(n):
+        return generate(b, b.spec, PROMPT, _settings(cfg, n)).images
+    return _measure(cfg, gen, timer, load_s=time.perf_counter() - t)
+
+
+def worker_diffusers(cfg: dict) -> dict:
+    """The baseline: diffusers' UnCLIPPipeline in eager torch, plus (when the model has sr1024) the same 256->1024
+    loop written with diffusers' UNet2DModel and scheduler, so both sides do the same work."""
+    t = time.perf_counter()
+    import diffusers
+    from diffusers import UnCLIPPipeline, UNet2DModel, UnCLIPScheduler
+    try:
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    except ImportError:
+        from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+    diffusers.UnCLIPTextProjModel = UnCLIPTextProjModel  # diffusers >= 0.38 can't reload an unCLIP folder otherwise
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["precision"]]
+    pipe = UnCLIPPipeline.from_pretrained(cfg["folder"], torch_dtype=dtype).to(cfg["device"])
+    pipe.set_progress_bar_config(disable=True)
+    sr1024 = None
+    if cfg["size"] == 1024:
+        sr1024 = UNet2DModel.from_pretrained(os.path.join(cfg["folder"], "sr1024"), torch_dtype=dtype).to(cfg["device"])
+    load_s = time.perf_counter() - t
+    timer = Timer(cfg["device"])
+    for name, mod in (("text_encoder", pipe.text_encoder), ("prior", pipe.prior), ("text_proj", pipe.text_proj),
+                      ("decoder", pipe.decoder), ("sr256_first", pipe.super_res_first),
+                      ("sr256_last", pipe.super_res_last), ("sr1024", sr1024)):
+        if mod is not None:
+            mod.forward = timer.wrap(mod.forward, name_of=lambda a, kw, n=name: n)
+    @torch.no_grad()
+    def gen(n):
+        steps = cfg["steps"]
+        g = torch.Generator().manual_seed(0)
+        x = pipe(PROMPT, num_images_per_prompt=n, generator=g, prior_num_inference_steps=steps[0],
+                 decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2], output_type="np").images
+        if sr1024 is None:
+            return x
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).to(cfg["device"], dtype) * 2 - 1
+        size = 4 * x.shape[-1]
+        low = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).to(dtype)
+        sched = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon")
+        sched.set_timesteps(steps[3])
+        lat = torch.randn(low.shape, generator=g).to(cfg["device"], dtype)
+        ts = sched.timesteps
+        for i, t in enumerate(ts):
+            eps = sr1024(torch.cat([lat, low], 1), t).sample
+            lat = sched.step(eps, t, lat, prev_timestep=None if i + 1 == len(ts) else ts[i + 1], generator=g).prev_sample
+        return lat
+    return _measure(cfg, gen, timer, load_s=load_s)
+
+
+def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
+    sync = torch.cuda.synchronize if cfg["device"].startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        steps = cfg["steps"]
+        cfg["steps"] = [2, 2, 2, 2]  # warm-up: same shapes, fewer steps (sessions, kernels, allocator); not timed
+        gen(1)
+        cfg["steps"] = steps
+        runs, per_net = [], []
+        for _ in range(cfg["repeats"]):
+            timer.spans.clear()
+            t = time.perf_counter()
+            gen(1)
+            sync()
+            runs.append(time.perf_counter() - t)
+            per_net.append(timer.totals())
+        t = time.perf_counter()
+        gen(cfg["batch"])
+        sync()
+        batch_s = time.perf_counter() - t
+    nets = {}
+    for name in per_net[0]:
+        secs = statistics.median(p[name][0] for p in per_net)
+        calls = per_net[0][name][1]
+        nets[name] = {"seconds": secs, "calls": calls}
+    return {"load_s": load_s, "seconds_per_image": statistics.median(runs), "runs": runs,
+            "images_per_second": cfg["batch"] / batch_s, "batch": cfg["batch"],
+            "peak_memory_mb": peak_memory_mb(cfg["device"]), "networks": nets}
+
+
+# --- orchestration -------------------------------------------------------------------------------------------
+
+def machine(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "diffusers", "transformers", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_worker(kind: str, cfg: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker-config", json.dumps(cfg)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{res.stderr[-3000:]}")
+    sys.stderr.write(res.stderr)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def stage_rows(result: dict, flops: dict, peak: float) -> dict:
+    rows = {}
+    for name, r in result["networks"].items():
+        st = STAGE_OF.get(name)
+        if st is None:
+            continue
+        row = rows.setdefault(st, {"seconds": 0.0, "calls": 0, "flops": 0.0})
+        row["seconds"] += r["seconds"]
+        row["calls"] += r["calls"]
+        row["flops"] += flops.get(name, 0.0) * r["calls"]
+    for row in rows.values():
+        row["ms_per_step"] = 1000 * row["seconds"] / max(row["calls"], 1)
+        row["ms_per_stage"] = 1000 * row["seconds"]
+        row["gflops_per_step"] = row["flops"] / max(row["calls"], 1) / 1e9
+        row["achieved_gflops"] = row["flops"] / max(row["seconds"], 1e-12) / 1e9
+        row["fraction_of_peak"] = row["achieved_gflops"] / peak
+    return rows
+
+
+def markdown(report: dict) -> str:
+    names = list(report["results"])
+    base = report["results"].get("diffusers")
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
+             + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
+             + f"; {report['settings']['device']}, {report['settings']['precision']}; preset/model "
+             f"`{report['settings']['model']}`; steps {'/'.join(map(str, report['settings']['steps']))}; "
+             f"matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; {report['date']}", "",
+             "| stage | GFLOP/step | " + " | ".join(f"{n} ms/step" for n in names) + " | "
+             + " | ".join(f"{n} % of peak" for n in names if n != "diffusers") + " |",
+             "|---" * (2 + len(names) + len([n for n in names if n != "diffusers"])) + "|"]
+    for st in STAGES:
+        rows = [report["stages"][n].get(st) for n in names]
+        if not any(rows):
+            continue
+        gf = next(r["gflops_per_step"] for r in rows if r)
+        cells = [f"{r['ms_per_step']:.1f}" if r else "-" for r in rows]
+        pct = [f"{100 * report['stages'][n][st]['fraction_of_peak']:.0f}%" if report["stages"][n].get(st) else "-"
+               for n in names if n != "diffusers"]
+        lines.append(f"| {st} | {gf:.2f} | " + " | ".join(cells) + " | " + " | ".join(pct) + " |")
+    lines += ["", "| backend | load s | s/image (batch 1) | images/s (batch "
+              f"{report['settings']['batch']}) | peak memory MB | speed-up vs diffusers (batch 1) | "
+              "speed-up (batch) |", "|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = report["results"][n]
+        up1 = f"{base['seconds_per_image'] / r['seconds_per_image']:.2f}x" if base else "-"
+        upb = f"{r['images_per_second'] / base['images_per_second']:.2f}x" if base else "-"
+        lines.append(f"| {n} | {r['load_s']:.1f} | {r['seconds_per_image']:.2f} | {r['images_per_second']:.3f} | "
+                     f"{r['peak_memory_mb']:.0f} | {up1} | {upb} |")
+    if report.get("export_s") is not None:
+        lines += ["", f"Cold start: export {report['export_s']:.1f} s (onnxruntime engines)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", help="built-in preset (ignored with --model)")
+    p.add_argument("--model", default=None, help="a diffusers-layout model folder (e.g. Karlo)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="repeatable: diffusers, torch, onnxruntime, tensorrt [default: all available]")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--batch", type=int, default=4, help="images per call for the throughput figure")
+    p.add_argument("--steps", default=None, help="prior,decoder,sr256,sr1024 [default: 25,25,7,15]")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        cfg = json.loads(a.worker_config)
+        res = worker_diffusers(cfg) if a.worker == "diffusers" else worker_ours(cfg)
+        print(json.dumps(res))
+        return
+
+    import importlib.util
+    from unclip.models import build_preset, load_model, save_model
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = a.model or a.preset
+    model = load_model(a.model) if a.model else build_preset(a.preset)
+    folder = a.model or str(out / f"model-{a.preset}")
+    if not a.model and not Path(folder, "model_index.json").exists():
+        save_model(model, folder, overwrite=True)
+    size = 1024 if model.sr1024 is not None else 256
+    steps = [int(s) for s in a.steps.split(",")] if a.steps else [25, 25, 7, 15]
+    backends = a.backend or ["diffusers", "torch", "onnxruntime"] + (
+        ["tensorrt"] if importlib.util.find_spec("tensorrt") and a.device.startswith("cuda") else [])
+    notes = []
+    if "diffusers" in backends and not importlib.util.find_spec("diffusers"):
+        backends.remove("diffusers")
+        notes.append("diffusers is not installed: the baseline was skipped (pip install diffusers transformers)")
+    engines = str(out / f"engines-{Path(name).name}-{a.precision}")
+    export_s = None
+    if any(b in ("onnxruntime", "tensorrt") for b in backends):
+        from unclip.export.onnx_export import export_model
+        t = time.perf_counter()
+        export_model(model, engines, precision="fp16" if a.precision == "fp16" else "fp32", max_batch=a.batch,
+                     source=folder)
+        export_s = time.perf_counter() - t
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
+    peak = matmul_peak_gflops(a.device, dtype)
+    flops = flops_per_call(model, 1)
+    del model
+    cfg = {"model": folder, "folder": folder, "engines": engines, "device": a.device, "precision": a.precision,
+           "batch": a.batch, "steps": steps, "size": size, "repeats": a.repeats, "sampler": "unclip"}
+    results, stages = {}, {}
+    for b in backends:
+        print(f"benchmarking {b} ...", file=sys.stderr)
+        results[b] = run_worker(b, dict(cfg, backend=b))
+        stages[b] = stage_rows(results[b], flops, peak)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "versions": versions(),
+              "settings": {**cfg, "model": name, "prompt": PROMPT}, "matmul_peak_gflops": peak,
+              "flops_per_call": flops, "export_s": export_s, "results": results, "stages": stages, "notes": notes}
+    if "diffusers" in results:
+        base = results["diffusers"]
+        report["ratios"] = {b: {"seconds_per_image": base["seconds_per_image"] / r["seconds_per_image"],
+                                "images_per_second": r["images_per_second"] / base["images_per_second"]}
+                            for b, r in results.items() if b != "diffusers"}
+    md = markdown(report) + "".join(f"\nNote: {n}\n" for n in notes)
+    (out / "latency.json").write_text(json.dumps(report, indent=1))
+    (out / "latency.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
