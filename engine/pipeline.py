@@ -58,8 +58,18 @@ class Noise:
         self.device, self.dtype = device, dtype
 
     def __call__(self, shape: tuple) -> torch.Tensor:
-        z = torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens])
+        """A (B, ...) draw; with B = k * images, image i draws its k rows from its own generator."""
+        k, rest = shape[0] // len(self.gens), tuple(shape[1:])
+        assert k * len(self.gens) == shape[0], (shape, len(self.gens))
+        z = torch.cat([torch.randn((k,) + rest, generator=g) for g in self.gens])
         return z.to(self.device, self.dtype)
+
+    def get_state(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.gens]
+
+    def set_state(self, state: list[torch.Tensor]) -> None:
+        for g, st in zip(self.gens, state):
+            g.set_state(st)
 
 
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -112,72 +122,113 @@ def _sample(settings: Settings, sched: dict, table: StepTable, model, x, noise, 
     return samplers.unclip(fn, x, table, noise, variance=sched["variance_type"], **kw)
 
 
+@dataclass
+class Text:
+    """Text conditioning of a batch: [uncond; cond] rows when guided (2N), cond rows only otherwise."""
+    ids: torch.Tensor  # (R, 77) int64
+    mask: torch.Tensor  # (R, 77) int64
+    e: torch.Tensor  # text_embeds (R, D)
+    H: torch.Tensor  # text_hidden (R, 77, W)
+    m: torch.Tensor  # mask as the backend's float dtype (R, 77)
+    guided: bool
+
+    def cond(self) -> "Text":
+        n = self.e.shape[0] // 2 if self.guided else self.e.shape[0]
+        return Text(self.ids[-n:], self.mask[-n:], self.e[-n:], self.H[-n:], self.m[-n:], False)
+
+
+def guided_any(settings: Settings) -> bool:
+    return settings.prior_guidance != 1.0 or settings.decoder_guidance != 1.0
+
+
+def encode_text(backend, spec: ModelSpec, prompts: list[str], settings: Settings, negative: list[str] | None = None
+                ) -> Text:
+    tok = spec.tokenizer()
+    ids, mask = tok(prompts)  # (N, 77)
+    guide = guided_any(settings)
+    if guide:
+        ids_u, mask_u = tok(negative if negative is not None else [settings.negative] * len(prompts))
+        ids, mask = torch.cat([ids_u, ids]), torch.cat([mask_u, mask])  # [uncond; cond] (2N, 77)
+    out = backend.run("text_encoder", {"input_ids": ids.to(backend.device)})
+    return Text(ids, mask, out["text_embeds"], out["text_hidden"], mask.to(backend.device, backend.dtype), guide)
+
+
+def sample_prior(backend, spec: ModelSpec, settings: Settings, text: Text, noise: Noise, progress=None,
+                 candidates: int = 1, dump: dict | None = None) -> torch.Tensor:
+    """Diffusion prior (+CFG) -> un-normalised CLIP image embeddings z (N, D). With candidates k > 1 it samples k
+    embeddings per image in one batch and keeps the one with the largest dot product with the text embedding
+    (the paper's best-of-2)."""
+    dtype, k = backend.dtype, candidates
+    use = text if settings.prior_guidance != 1.0 else text.cond()
+    e, H, m = (v.repeat_interleave(k, dim=0) for v in (use.e, use.H, use.m))  # (R*k, ...)
+    N = text.cond().e.shape[0]
+    s = spec.schedulers["prior"]
+    table = table_for(SimpleNamespace(**s), settings.prior_steps)
+
+    def prior_run(x, t, i):
+        return backend.run("prior", {"x_t": x.to(dtype), "t": t, "text_embeds": e, "text_hidden": H,
+                                     "text_mask": m})["x0"].float()
+
+    x = noise((N * k, spec.embed_dim))
+    if dump is not None:
+        dump["prior_noise"] = x
+        dump.setdefault("_timesteps", {})["prior"] = table.timesteps.tolist()
+    x = _sample(settings, s, table, _guided(prior_run, settings.prior_guidance), x, noise, progress, "prior")
+    dev = x.device
+    z = x * torch.tensor(spec.clip_std, device=dev) + torch.tensor(spec.clip_mean, device=dev)  # (N*k, D)
+    if k > 1:
+        scores = (z.view(N, k, -1) * text.cond().e.float()[:, None]).sum(-1)  # (N, k) dot with the text embedding
+        best = scores.argmax(dim=1)  # (N,)
+        if dump is not None:
+            dump["prior_candidates"], dump["prior_scores"] = z.view(N, k, -1), scores
+        z = z.view(N, k, -1)[torch.arange(N, device=dev), best]
+    return z
+
+
+def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress,
+           out: "Result") -> torch.Tensor:
+    """text_proj + decoder (+CFG) + upsamplers -> (N, H, W, 3) uint8 images."""
+    image = decode(backend, spec, settings, z, text, noise, progress, out)
+    if settings.size >= 256:
+        image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
+    if settings.size >= 1024:
+        image = upsample_stage(backend, spec, settings, "sr1024", image, noise, progress, out)
+    return to_uint8(image)
+
+
 def generate(backend, spec: ModelSpec, prompt: str | list[str], settings: Settings = Settings(),
              progress: Callable[[str, int, int], None] | None = None, noise: Noise | None = None,
-             first_image: int = 0, keep: bool = False) -> Result:
+             first_image: int = 0, keep: bool = False, candidates: int = 1) -> Result:
     """Generate settings.num_images images for one prompt (or one image per prompt of a list).
 
     `first_image` offsets the per-image noise seeds (used to split large requests into chunks)."""
     if settings.size == 1024 and spec.sr1024_size is None:
         raise ValueError(f"model {spec.name!r} has no 256->1024 stage (no sr1024/ folder); use --size 256 or 64")
     prompts = [prompt] * settings.num_images if isinstance(prompt, str) else list(prompt)
-    N = len(prompts)
-    dev, dtype = backend.device, backend.dtype
-    noise = noise or Noise(settings.seed, N, dev, torch.float32, first=first_image)
+    noise = noise or Noise(settings.seed, len(prompts), backend.device, torch.float32, first=first_image)
     out = Result(images=torch.empty(0))
-    dump = out.intermediates
-    tok = spec.tokenizer()
-    guide = settings.prior_guidance != 1.0 or settings.decoder_guidance != 1.0
-
-    # --- text --------------------------------------------------------------------------------------------
-    ids, mask = tok(prompts)  # (N, 77)
-    if guide:
-        ids_u, mask_u = tok([settings.negative] * N)
-        ids, mask = torch.cat([ids_u, ids]), torch.cat([mask_u, mask])  # [uncond; cond] (2N, 77)
-    text = backend.run("text_encoder", {"input_ids": ids.to(dev)})
-    e, H = text["text_embeds"], text["text_hidden"]  # (2N, D), (2N, 77, W)
-    m = mask.to(dev, dtype)
-    dump.update(tokens=ids, text_embeds=e, text_hidden=H, text_mask=mask)
-
-    def cond_half(x: torch.Tensor, scale: float) -> torch.Tensor:
-        return x[N:] if guide and scale == 1.0 else x
-
-    # --- prior -------------------------------------------------------------------------------------------
-    s = spec.schedulers["prior"]
-    table = table_for(SimpleNamespace(**s), settings.prior_steps)
-    pe, pH, pm = (cond_half(v, settings.prior_guidance) for v in (e, H, m))
-
-    def prior_run(x, t, i):
-        return backend.run("prior", {"x_t": x.to(dtype), "t": t, "text_embeds": pe, "text_hidden": pH,
-                                     "text_mask": pm})["x0"].float()
-
-    x = noise((N, spec.embed_dim))
-    dump["prior_noise"] = x
-    x = _sample(settings, s, table, _guided(prior_run, settings.prior_guidance), x, noise, progress, "prior")
-    z = x * torch.tensor(spec.clip_std, device=dev) + torch.tensor(spec.clip_mean, device=dev)  # (N, D)
-    dump["image_embeds"] = z
-    out.timesteps["prior"] = table.timesteps.tolist()
-    x64 = decode(backend, spec, settings, z, e, H, m, noise, progress, out, guide)
-    image = x64
-    if settings.size >= 256:
-        image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
-    if settings.size >= 1024:
-        image = upsample_stage(backend, spec, settings, "sr1024", image, noise, progress, out)
-    out.images = to_uint8(image)
+    text = encode_text(backend, spec, prompts, settings)
+    out.intermediates.update(tokens=text.ids, text_embeds=text.e, text_hidden=text.H, text_mask=text.mask)
+    z = sample_prior(backend, spec, settings, text, noise, progress, candidates, out.intermediates)
+    out.timesteps["prior"] = out.intermediates.pop("_timesteps")["prior"]
+    out.intermediates["image_embeds"] = z
+    out.images = finish(backend, spec, settings, z, text, noise, progress, out)
     if not keep:
         out.intermediates = {}
     return out
 
 
-def decode(backend, spec: ModelSpec, settings: Settings, z, e, H, m, noise, progress, out: Result, guide: bool):
+def decode(backend, spec: ModelSpec, settings: Settings, z, text: Text, noise, progress, out: Result,
+           x_T: torch.Tensor | None = None):
     """text_proj + the 64 px decoder with guidance on eps; returns x64 in [-1, 1] (N, 3, S, S)."""
     N, dev, dtype = z.shape[0], backend.device, backend.dtype
-    if guide and settings.decoder_guidance != 1.0:
+    if text.guided and settings.decoder_guidance != 1.0:
         cond = torch.cat([torch.zeros(N), torch.ones(N)]).to(dev, dtype)
-        zz, te, tH, tm = torch.cat([z, z]), e, H, m
+        zz, te, tH, tm = torch.cat([z, z]), text.e, text.H, text.m
     else:
+        c = text.cond()
         cond = torch.ones(N, device=dev, dtype=dtype)
-        zz, te, tH, tm = z, e[-N:], H[-N:], m[-N:]
+        zz, te, tH, tm = z, c.e, c.H, c.m
     c = backend.run("text_proj", {"image_embeds": zz.to(dtype), "cond": cond, "text_embeds": te, "text_hidden": tH,
                                   "text_mask": tm})
     s = spec.schedulers["decoder"]
@@ -189,6 +240,8 @@ def decode(backend, spec: ModelSpec, settings: Settings, z, e, H, m, noise, prog
 
     S = spec.decoder_size
     x = noise((N, 3, S, S))
+    if x_T is not None:  # an inverted image (--invert) replaces the initial noise
+        x = x_T.to(x)
     out.intermediates["decoder_noise"] = x
     x = _sample(settings, s, table, _guided(decoder_run, settings.decoder_guidance, eps_channels=3), x, noise,
                 progress, "decoder")

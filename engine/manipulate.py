@@ -1,0 +1,216 @@
+"""The paper's image manipulations (section 3): variations (optionally from a DDIM inversion), interpolations
+between two image embeddings, and text diffs; all on the same engines as text-to-image generation."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unclip.engine.pipeline import (Noise, Result, Settings, Text, _guided, encode_text, finish, sample_prior,
+                                    upsample)
+from unclip.engine.schedules import table_for
+from unclip.engine.spec import ModelSpec
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageInputError(ValueError):
+    """An input image that can't be used; the message names the file and the fix."""
+
+
+def load_image(path: str | Path):
+    """Open any image file as RGB (alpha composited on white, palette and greyscale converted)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise ImageInputError(f"{path}: no such file; pass an image file (PNG, JPEG, WebP, ...)") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageInputError(f"{path}: not a readable image ({e.__class__.__name__}); pass a PNG, JPEG or WebP "
+                              "file") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def clip_pixels(img, size: int) -> torch.Tensor:
+    """CLIP preprocessing: shortest edge to `size` (bicubic), centre crop, /255, normalise -> (1, 3, size, size)."""
+    from PIL import Image
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, int(w * scale)), max(size, int(h * scale))  # floor, as CLIP's processor
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return x[None]
+
+
+def image_embedding(backend, spec: ModelSpec, img) -> torch.Tensor:
+    if spec.image_size is None:
+        raise ImageInputError(f"model {spec.name!r} has no image encoder (no image_encoder/ folder); use a model "
+                              "that has one, e.g. kakaobrain/karlo-v1-alpha-image-variations")
+    px = clip_pixels(img, spec.image_size).to(backend.device, backend.dtype)
+    return backend.run("image_encoder", {"pixel_values": px})["image_embeds"].float()  # (1, D)
+
+
+def empty_text(backend, spec: ModelSpec, settings: Settings, n: int) -> Text:
+    """The prompt "" on both guidance halves, as Karlo / diffusers do for variations."""
+    return encode_text(backend, spec, [""] * n, settings, negative=[""] * n)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
+    """Spherical interpolation of directions, with the norm interpolated linearly (theta=0: a, theta=1: b)."""
+    if theta == 0.0:  # exact endpoints: float rounding would otherwise move them by 1e-7
+        return a.clone()
+    if theta == 1.0:
+        return b.clone()
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1, 1))
+    so = torch.sin(omega)
+    if float(so.abs().min()) < 1e-6:  # (anti)parallel: fall back to linear
+        u = (1 - theta) * ua + theta * ub
+    else:
+        u = (torch.sin((1 - theta) * omega) * ua + torch.sin(theta * omega) * ub) / so
+    return u * ((1 - theta) * na + theta * nb)
+
+
+def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, image: torch.Tensor,
+                fixed_point_iters: int = 4) -> torch.Tensor:
+    """x0 (N, 3, S, S) in [-1, 1] -> x_T by running deterministic DDIM backwards through the guided decoder
+    (paper section 3.1). Decoding step i uses eps(x_t, t_i) at the point it starts from, which inversion doesn't
+    know yet: each step is solved by fixed-point iteration x_t = F(eps(x_t, t_i)), starting from eps at the
+    current point, so that decoding the result with eta = 0 retraces the same path."""
+    N, dev, dtype = z.shape[0], backend.device, backend.dtype
+    guided = text.guided and settings.decoder_guidance != 1.0
+    cond = (torch.cat([torch.zeros(N), torch.ones(N)]) if guided else torch.ones(N)).to(dev, dtype)
+    t_in = text if guided else text.cond()
+    c = backend.run("text_proj", {"image_embeds": (torch.cat([z, z]) if guided else z).to(dtype), "cond": cond,
+                                  "text_embeds": t_in.e, "text_hidden": t_in.H, "text_mask": t_in.m})
+
+    def run(x, t, i):
+        return backend.run("decoder", {"x_t": x.to(dtype), "t": t, "class_emb": c["class_emb"],
+                                       "context": c["context"], "context_mask": c["context_mask"]})["out"].float()
+
+    model = _guided(run, settings.decoder_guidance, eps_channels=3)
+    table = table_for(SimpleNamespace(**spec.schedulers["decoder"]), settings.decoder_steps)
+    x = image.float()
+    for i in reversed(range(len(table))):  # undo decoding step i: abar_s[i] -> abar_t[i]
+        a_t, a_s = float(table.alpha_bar_t[i]), float(table.alpha_bar_s[i])
+        t = torch.full((N,), float(table.timesteps[i]), device=dev)
+        x_t = x
+        for _ in range(1 + fixed_point_iters):
+            eps = model(x_t, t, i)[:, :3]
+            x0 = (x - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
+            x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+        x = x_t
+    return x
+
+
+def variation(backend, spec: ModelSpec, settings: Settings, img, invert: bool = False, progress=None,
+              keep: bool = False, first_image: int = 0) -> Result:
+    """Variations of an image: its CLIP image embedding -> decoder -> upsamplers, no prior, prompt "" both halves."""
+    n = settings.num_images
+    z = image_embedding(backend, spec, img).expand(n, -1)
+    text = empty_text(backend, spec, settings, n)
+    noise = Noise(settings.seed, n, backend.device, first=first_image)
+    out = Result(images=torch.empty(0))
+    out.intermediates["image_embeds"] = z
+    x_T = None
+    if invert:
+        S = spec.decoder_size
+        x0 = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        x0 = upsample(_center_square(x0), S).clamp(-1, 1).to(backend.device).expand(n, -1, -1, -1)
+        x_T = ddim_invert(backend, spec, replace(settings, sampler="ddim"), z, text, x0)
+        out.intermediates["inverted_noise"] = x_T
+    from unclip.engine.pipeline import decode, to_uint8, upsample_stage
+    image = decode(backend, spec, settings, z, text, noise, progress, out, x_T=x_T)
+    if settings.size >= 256:
+        image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
+    if settings.size >= 1024:
+        image = upsample_stage(backend, spec, settings, "sr1024", image, noise, progress, out)
+    out.images = to_uint8(image)
+    if not keep:
+        out.intermediates = {}
+    return out
+
+
+def _center_square(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    return x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
+def _endpoint(backend, spec, settings, item, noise: Noise):
+    """An image path or a prompt -> (z (1, D), text conditioning for the decoder)."""
+    if isinstance(item, (str, Path)) and Path(item).is_file():
+        img = load_image(item)
+        return image_embedding(backend, spec, img), empty_text(backend, spec, settings, 1), False
+    text = encode_text(backend, spec, [str(item)], settings)
+    return sample_prior(backend, spec, settings, text, noise), text, True
+
+
+def _blend_text(a: Text, b: Text, theta: float) -> Text:
+    """Text conditioning between two prompts: embeddings interpolated, the mask of the nearer end."""
+    return Text(a.ids if theta <= 0.5 else b.ids, a.mask if theta <= 0.5 else b.mask,
+                (1 - theta) * a.e + theta * b.e, (1 - theta) * a.H + theta * b.H, a.m if theta <= 0.5 else b.m,
+                a.guided)
+
+
+def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int, progress=None) -> list[torch.Tensor]:
+    """Frames of slerp(z_a, z_b, theta), theta = 0 ... 1, with the decoder and upsampler noise fixed across frames.
+    A and B are image paths or prompts; frame 0 and the last frame equal plain generation from A and B."""
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2, got {frames}")
+    noise = Noise(settings.seed, 1, backend.device)
+    za, ta, pa = _endpoint(backend, spec, settings, a, noise)
+    state_after_a = noise.get_state()
+    noise_b = Noise(settings.seed, 1, backend.device)
+    zb, tb, _ = _endpoint(backend, spec, settings, b, noise_b)
+    # Noise for every frame: the state plain generation has when the decoder starts (after the prior's draws,
+    # the same count for any prompt; a fresh generator for images).
+    state = state_after_a if pa else Noise(settings.seed, 1, backend.device).get_state()
+    images = []
+    for theta in np.linspace(0.0, 1.0, frames):
+        noise.set_state(state)
+        z = slerp(za, zb, float(theta))
+        text = _blend_text(ta, tb, float(theta))
+        images.append(finish(backend, spec, settings, z, text, noise, progress, Result(torch.empty(0)))[0])
+    return images
+
+
+def text_diff(backend, spec: ModelSpec, settings: Settings, source, before: str, after: str, amount: float,
+              frames: int = 1, progress=None) -> list[torch.Tensor]:
+    """Edit toward `after` and away from `before`: z_theta = slerp(z, normalise(e_after - e_before), theta), for
+    theta in [0, amount] (one frame: theta = amount); the decoder noise is fixed across frames."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be in [0, 1], got {amount}")
+    noise = Noise(settings.seed, 1, backend.device)
+    z, text, _ = _endpoint(backend, spec, settings, source, noise)
+    state = noise.get_state()
+    pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))
+    d = pair.e[1].float() - pair.e[0].float()
+    z_d = (d / d.norm().clamp_min(1e-12))[None] * z.norm(dim=-1, keepdim=True)  # direction of the diff, |z|
+    thetas = [amount] if frames == 1 else list(np.linspace(0.0, amount, frames))
+    images = []
+    for theta in thetas:
+        noise.set_state(state)
+        z_t = slerp(z, z_d, float(theta))
+        images.append(finish(backend, spec, settings, z_t, text, noise, progress, Result(torch.empty(0)))[0])
+    return images
+
+
+def contact_sheet(images: list[torch.Tensor]) -> torch.Tensor:
+    """Frames (H, W, 3) uint8 side by side -> one (H, n*W, 3) image."""
+    return torch.cat(images, dim=1)
