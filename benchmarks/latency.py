@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import platform
@@ -148,6 +149,10 @@ def worker_diffusers(cfg: dict) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["precision"]]
     pipe = UnCLIPPipeline.from_pretrained(cfg["folder"], torch_dtype=dtype).to(cfg["device"])
     pipe.set_progress_bar_config(disable=True)
+    # Same maths on both sides: float64 noise-schedule tables (diffusers' float32 ones round 1 - abar_t/abar_s to 1
+    # at t = 999 and drop a term of the first step). Costs nothing per step.
+    for sch in (pipe.prior_scheduler, pipe.decoder_scheduler, pipe.super_res_scheduler):
+        _float64_tables(sch, sch.betas.double())
     sr1024 = None
     if cfg["size"] == 1024:
         sr1024 = UNet2DModel.from_pretrained(os.path.join(cfg["folder"], "sr1024"), torch_dtype=dtype).to(cfg["device"])
@@ -165,19 +170,32 @@ def worker_diffusers(cfg: dict) -> dict:
         x = pipe(PROMPT, num_images_per_prompt=n, generator=g, prior_num_inference_steps=steps[0],
                  decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2], output_type="np").images
         if sr1024 is None:
-            return x
+            return torch.from_numpy((x * 255).round().astype("uint8"))
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(cfg["device"], dtype) * 2 - 1
         size = 4 * x.shape[-1]
         low = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).to(dtype)
         sched = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon")
+        if cfg["sr1024_schedule"]["beta_schedule"] == "linear":  # UnCLIPScheduler only builds cosine tables
+            c = cfg["sr1024_schedule"]
+            _float64_tables(sched, torch.linspace(c["beta_start"], c["beta_end"], c["num_train_timesteps"],
+                                                  dtype=torch.float64))
+        else:
+            _float64_tables(sched, sched.betas.double())
         sched.set_timesteps(steps[3])
         lat = torch.randn(low.shape, generator=g).to(cfg["device"], dtype)
         ts = sched.timesteps
         for i, t in enumerate(ts):
             eps = sr1024(torch.cat([lat, low], 1), t).sample
             lat = sched.step(eps, t, lat, prev_timestep=None if i + 1 == len(ts) else ts[i + 1], generator=g).prev_sample
-        return lat
+        return ((lat.float().clamp(-1, 1) * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return _measure(cfg, gen, timer, load_s=load_s)
+
+
+def _float64_tables(sched, betas: torch.Tensor) -> None:
+    sched.betas = betas
+    sched.alphas = 1.0 - betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    sched.one = torch.tensor(1.0, dtype=torch.float64)
 
 
 def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
@@ -191,7 +209,7 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         for _ in range(cfg["repeats"]):
             timer.spans.clear()
             t = time.perf_counter()
-            gen(1)
+            image = gen(1)
             sync()
             runs.append(time.perf_counter() - t)
             per_net.append(timer.totals())
@@ -199,12 +217,15 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         gen(cfg["batch"])
         sync()
         batch_s = time.perf_counter() - t
+    image_path = os.path.join(cfg["out"], f"image-{cfg['backend']}.npy")
+    import numpy as np
+    np.save(image_path, image.numpy())
     nets = {}
     for name in per_net[0]:
         secs = statistics.median(p[name][0] for p in per_net)
         calls = per_net[0][name][1]
         nets[name] = {"seconds": secs, "calls": calls}
-    return {"load_s": load_s, "seconds_per_image": statistics.median(runs), "runs": runs,
+    return {"image": image_path, "load_s": load_s, "seconds_per_image": statistics.median(runs), "runs": runs,
             "images_per_second": cfg["batch"] / batch_s, "batch": cfg["batch"],
             "peak_memory_mb": peak_memory_mb(cfg["device"]), "networks": nets}
 
@@ -294,6 +315,9 @@ def markdown(report: dict) -> str:
         upb = f"{r['images_per_second'] / base['images_per_second']:.2f}x" if base else "-"
         lines.append(f"| {n} | {r['load_s']:.1f} | {r['seconds_per_image']:.2f} | {r['images_per_second']:.3f} | "
                      f"{r['peak_memory_mb']:.0f} | {up1} | {upb} |")
+    for b, d in report.get("image_difference", {}).items():
+        lines.append(f"Image vs diffusers ({b}, batch 1, same seed, `unclip` sampler): mean abs difference "
+                     f"{d['mean_abs']:.2e}, {100 * d['fraction_over_0.05']:.3f}% of pixels off by more than 0.05.")
     if report.get("export_s") is not None:
         lines += ["", f"Cold start: export {report['export_s']:.1f} s (onnxruntime engines)."]
     return "\n".join(lines) + "\n"
@@ -348,9 +372,11 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
     peak = matmul_peak_gflops(a.device, dtype)
     flops = flops_per_call(model, 1)
+    model_schedulers = model.schedulers
     del model
     cfg = {"model": folder, "folder": folder, "engines": engines, "device": a.device, "precision": a.precision,
-           "batch": a.batch, "steps": steps, "size": size, "repeats": a.repeats, "sampler": "unclip"}
+           "batch": a.batch, "steps": steps, "size": size, "repeats": a.repeats, "sampler": "unclip",
+           "out": str(out), "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}
     results, stages = {}, {}
     for b in backends:
         print(f"benchmarking {b} ...", file=sys.stderr)
@@ -360,7 +386,16 @@ def main(argv=None):
               "settings": {**cfg, "model": name, "prompt": PROMPT}, "matmul_peak_gflops": peak,
               "flops_per_call": flops, "export_s": export_s, "results": results, "stages": stages, "notes": notes}
     if "diffusers" in results:
+        import numpy as np
         base = results["diffusers"]
+        ref = np.load(base["image"]).astype(np.float64) / 255
+        report["image_difference"] = {}
+        for b, r in results.items():
+            if b == "diffusers":
+                continue
+            d = np.abs(np.load(r["image"]).astype(np.float64) / 255 - ref)
+            report["image_difference"][b] = {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
+                                             "fraction_over_0.05": float((d > 0.05).mean())}
         report["ratios"] = {b: {"seconds_per_image": base["seconds_per_image"] / r["seconds_per_image"],
                                 "images_per_second": r["images_per_second"] / base["images_per_second"]}
                             for b, r in results.items() if b != "diffusers"}

@@ -259,7 +259,7 @@ def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low
     steps = settings.sr256_steps if stage == "sr256" else settings.sr1024_steps
     s = spec.schedulers[stage]
     table = table_for(SimpleNamespace(**s), steps)
-    low_res = upsample(low, size).to(dtype)  # hoisted out of the step loop
+    low_res = upsample(low.clamp(-1, 1), size).to(dtype)  # hoisted out of the step loop
     first, last = ("sr256_first", "sr256_last") if stage == "sr256" else ("sr1024", "sr1024")
 
     def sr_run(x, t, i):

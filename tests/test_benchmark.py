@@ -16,7 +16,7 @@ def test_latency_script_writes_full_report(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "latency.json").read_text())
     for key in ("date", "machine", "versions", "settings", "matmul_peak_gflops", "flops_per_call", "export_s",
-                "results", "stages", "ratios"):
+                "results", "stages", "ratios", "image_difference"):
         assert key in report, key
     assert report["machine"]["cores"] >= 1 and report["matmul_peak_gflops"] > 0
     assert set(report["results"]) == {"diffusers", "torch", "onnxruntime"}
@@ -31,4 +31,6 @@ def test_latency_script_writes_full_report(tmp_path):
         assert r["networks"]["prior"]["calls"] == 3 and stages["sr256"]["calls"] == 2
     assert report["flops_per_call"]["decoder"] > report["flops_per_call"]["text_proj"] > 0
     assert set(report["ratios"]) == {"torch", "onnxruntime"}
+    for d in report["image_difference"].values():
+        assert 0 <= d["mean_abs"] <= d["max_abs"] <= 1
     assert "| decoder |" in (tmp_path / "latency.md").read_text()
