@@ -62,7 +62,7 @@ class Timer:
             torch.cuda.synchronize()
         out = {}
         for name, spans in self.spans.items():
-            secs = sum(s.elapsed_time(e) / 1000 if self.cuda else s for s in spans) if self.cuda else sum(spans)
+            secs = sum(s.elapsed_time(e) / 1000 for s, e in spans) if self.cuda else sum(spans)
             out[name] = (secs, len(spans))
         return out
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def make_backend(backend: str, model: str, engines: str | None, device: str, pre
         if backend == "onnxruntime":
             from unclip.engine.backend_ort import BackendUnavailable, OnnxRuntimeBackend
             try:
-                import onnxruntime  # noqa: F401
+                import onnxruntime  # noqa: F401  (only checks that it is installed)
             except ImportError:
                 raise UserError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
                                 "(or onnxruntime-gpu for CUDA, never both)") from None

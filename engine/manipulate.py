@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from unclip.engine.pipeline import (Noise, Result, Settings, Text, _guided, encode_text, finish, sample_prior,
-                                    upsample)
+from unclip.engine.pipeline import (Noise, Result, Settings, Text, decoder_model, encode_text, finish,
+                                    sample_prior, upsample)
 from unclip.engine.schedules import table_for
 from unclip.engine.spec import ModelSpec
 
@@ -92,18 +91,8 @@ def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, t
     (paper section 3.1). Decoding step i uses eps(x_t, t_i) at the point it starts from, which inversion doesn't
     know yet: each step is solved by fixed-point iteration x_t = F(eps(x_t, t_i)), starting from eps at the
     current point, so that decoding the result with eta = 0 retraces the same path."""
-    N, dev, dtype = z.shape[0], backend.device, backend.dtype
-    guided = text.guided and settings.decoder_guidance != 1.0
-    cond = (torch.cat([torch.zeros(N), torch.ones(N)]) if guided else torch.ones(N)).to(dev, dtype)
-    t_in = text if guided else text.cond()
-    c = backend.run("text_proj", {"image_embeds": (torch.cat([z, z]) if guided else z).to(dtype), "cond": cond,
-                                  "text_embeds": t_in.e, "text_hidden": t_in.H, "text_mask": t_in.m})
-
-    def run(x, t, i):
-        return backend.run("decoder", {"x_t": x.to(dtype), "t": t, "class_emb": c["class_emb"],
-                                       "context": c["context"], "context_mask": c["context_mask"]})["out"].float()
-
-    model = _guided(run, settings.decoder_guidance, eps_channels=3)
+    N, dev = z.shape[0], backend.device
+    model = decoder_model(backend, settings, z, text)
     table = table_for(SimpleNamespace(**spec.schedulers["decoder"]), settings.decoder_steps)
     x = image.float()
     for i in reversed(range(len(table))):  # undo decoding step i: abar_s[i] -> abar_t[i]
@@ -134,13 +123,7 @@ def variation(backend, spec: ModelSpec, settings: Settings, img, invert: bool = 
         x0 = upsample(_center_square(x0), S).clamp(-1, 1).to(backend.device).expand(n, -1, -1, -1)
         x_T = ddim_invert(backend, spec, replace(settings, sampler="ddim"), z, text, x0)
         out.intermediates["inverted_noise"] = x_T
-    from unclip.engine.pipeline import decode, to_uint8, upsample_stage
-    image = decode(backend, spec, settings, z, text, noise, progress, out, x_T=x_T)
-    if settings.size >= 256:
-        image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
-    if settings.size >= 1024:
-        image = upsample_stage(backend, spec, settings, "sr1024", image, noise, progress, out)
-    out.images = to_uint8(image)
+    out.images = finish(backend, spec, settings, z, text, noise, progress, out, x_T)
     if not keep:
         out.intermediates = {}
     return out

@@ -4,7 +4,7 @@ through `backend.run(network, inputs)`; samplers and guidance never know which b
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
 
@@ -186,9 +186,9 @@ def sample_prior(backend, spec: ModelSpec, settings: Settings, text: Text, noise
 
 
 def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress,
-           out: "Result") -> torch.Tensor:
+           out: "Result", x_T: torch.Tensor | None = None) -> torch.Tensor:
     """text_proj + decoder (+CFG) + upsamplers -> (N, H, W, 3) uint8 images."""
-    image = decode(backend, spec, settings, z, text, noise, progress, out)
+    image = decode(backend, spec, settings, z, text, noise, progress, out, x_T)
     if settings.size >= 256:
         image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
     if settings.size >= 1024:
@@ -218,33 +218,37 @@ def generate(backend, spec: ModelSpec, prompt: str | list[str], settings: Settin
     return out
 
 
-def decode(backend, spec: ModelSpec, settings: Settings, z, text: Text, noise, progress, out: Result,
-           x_T: torch.Tensor | None = None):
-    """text_proj + the 64 px decoder with guidance on eps; returns x64 in [-1, 1] (N, 3, S, S)."""
+def decoder_model(backend, settings: Settings, z: torch.Tensor, text: Text):
+    """text_proj once (hoisted out of the step loop), then the guided decoder as a model function (x, t, i) -> out
+    with guidance on the eps channels and the learned variance from the conditional half."""
     N, dev, dtype = z.shape[0], backend.device, backend.dtype
     if text.guided and settings.decoder_guidance != 1.0:
-        cond = torch.cat([torch.zeros(N), torch.ones(N)]).to(dev, dtype)
-        zz, te, tH, tm = torch.cat([z, z]), text.e, text.H, text.m
+        cond = torch.cat([torch.zeros(N), torch.ones(N)]).to(dev, dtype)  # [null image embedding; z]
+        zz, t_in = torch.cat([z, z]), text
     else:
-        c = text.cond()
-        cond = torch.ones(N, device=dev, dtype=dtype)
-        zz, te, tH, tm = z, c.e, c.H, c.m
-    c = backend.run("text_proj", {"image_embeds": zz.to(dtype), "cond": cond, "text_embeds": te, "text_hidden": tH,
-                                  "text_mask": tm})
-    s = spec.schedulers["decoder"]
-    table = table_for(SimpleNamespace(**s), settings.decoder_steps)
+        cond, zz, t_in = torch.ones(N, device=dev, dtype=dtype), z, text.cond()
+    c = backend.run("text_proj", {"image_embeds": zz.to(dtype), "cond": cond, "text_embeds": t_in.e,
+                                  "text_hidden": t_in.H, "text_mask": t_in.m})
 
-    def decoder_run(x, t, i):
+    def run(x, t, i):
         return backend.run("decoder", {"x_t": x.to(dtype), "t": t, "class_emb": c["class_emb"],
                                        "context": c["context"], "context_mask": c["context_mask"]})["out"].float()
 
+    return _guided(run, settings.decoder_guidance, eps_channels=3)
+
+
+def decode(backend, spec: ModelSpec, settings: Settings, z, text: Text, noise, progress, out: Result,
+           x_T: torch.Tensor | None = None):
+    """The 64 px decoder; returns x64 in [-1, 1] (N, 3, S, S). `x_T` (an inversion) replaces the initial noise."""
+    N = z.shape[0]
+    s = spec.schedulers["decoder"]
+    table = table_for(SimpleNamespace(**s), settings.decoder_steps)
     S = spec.decoder_size
-    x = noise((N, 3, S, S))
-    if x_T is not None:  # an inverted image (--invert) replaces the initial noise
+    x = noise((N, 3, S, S))  # drawn even when replaced, so later draws don't depend on x_T
+    if x_T is not None:
         x = x_T.to(x)
     out.intermediates["decoder_noise"] = x
-    x = _sample(settings, s, table, _guided(decoder_run, settings.decoder_guidance, eps_channels=3), x, noise,
-                progress, "decoder")
+    x = _sample(settings, s, table, decoder_model(backend, settings, z, text), x, noise, progress, "decoder")
     x = x.clamp(-1, 1)
     out.intermediates["image_64"] = x
     out.timesteps["decoder"] = table.timesteps.tolist()
@@ -254,7 +258,7 @@ def decode(backend, spec: ModelSpec, settings: Settings, z, text: Text, noise, p
 def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low: torch.Tensor, noise, progress,
                    out: Result) -> torch.Tensor:
     """sr256 (first-steps network, then the last-step network for the final step) or sr1024; no guidance."""
-    N, dev, dtype = low.shape[0], backend.device, backend.dtype
+    N, dtype = low.shape[0], backend.dtype
     size = spec.sr256_size if stage == "sr256" else spec.sr1024_size
     steps = settings.sr256_steps if stage == "sr256" else settings.sr1024_steps
     s = spec.schedulers[stage]
@@ -273,6 +277,3 @@ def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low
     out.timesteps[stage] = table.timesteps.tolist()
     return x
 
-
-def settings_dict(settings: Settings) -> dict:
-    return asdict(settings)
