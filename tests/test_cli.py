@@ -86,3 +86,9 @@ def test_backend_package_missing_names_it(runner, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     res = runner.invoke(main, ["cat", *FAST])
     assert res.exit_code == 1 and "pip install onnxruntime" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_one_line(runner):
+    res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--device", "cuda"])
+    assert res.exit_code == 1 and "torch sees no CUDA GPU here" in res.output
