@@ -92,3 +92,11 @@ def test_backend_package_missing_names_it(runner, monkeypatch):
 def test_cuda_without_gpu_one_line(runner):
     res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--device", "cuda"])
     assert res.exit_code == 1 and "torch sees no CUDA GPU here" in res.output
+
+
+def test_engines_of_another_model_refused(runner, tmp_path):
+    assert runner.invoke(main, ["cat", *FAST, "--engines", "e"]).exit_code == 0
+    from unclip.models import build_preset, save_model
+    save_model(build_preset("tiny"), tmp_path / "other")
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "other"), "--engines", "e"])
+    assert res.exit_code == 1 and "holds engines of 'tiny'" in res.output and "--force" in res.output
