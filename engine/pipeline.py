@@ -57,12 +57,18 @@ class Noise:
         self.gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
         self.device, self.dtype = device, dtype
 
-    def __call__(self, shape: tuple) -> torch.Tensor:
-        """A (B, ...) draw; with B = k * images, image i draws its k rows from its own generator."""
+    def draw(self, shape: tuple) -> torch.Tensor:
+        """A (B, ...) draw on the CPU; with B = k * images, image i draws its k rows from its own generator."""
         k, rest = shape[0] // len(self.gens), tuple(shape[1:])
         assert k * len(self.gens) == shape[0], (shape, len(self.gens))
-        z = torch.cat([torch.randn((k,) + rest, generator=g) for g in self.gens])
-        return z.to(self.device, self.dtype)
+        return torch.cat([torch.randn((k,) + rest, generator=g) for g in self.gens])
+
+    def __call__(self, shape: tuple) -> torch.Tensor:
+        return self.draw(shape).to(self.device, self.dtype)
+
+    def upfront(self, shape: tuple, n: int) -> torch.Tensor:
+        """n consecutive draws, stacked (n, *shape) and moved to the device in one copy."""
+        return torch.stack([self.draw(shape) for _ in range(n)]).to(self.device, self.dtype)
 
     def get_state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.gens]
@@ -114,6 +120,12 @@ def _sample(settings: Settings, sched: dict, table: StepTable, model, x, noise, 
     def fn(x, i):
         return model(x, t_all[i].expand(x.shape[0]), i)
 
+    # Draw this stage's per-step noise up front (same generator order) and move it to the device in one copy,
+    # so the step loop does no host work or host-to-device transfer.
+    draws = samplers.noise_draws(table, settings.sampler, settings.eta)
+    if draws:
+        pre = iter(noise.upfront(tuple(x.shape), draws).unbind(0))
+        noise = lambda shape: next(pre)  # noqa: E731
     cb = (lambda i, *_: progress(stage, i + 1, n)) if progress else None
     kw = dict(prediction=sched["prediction_type"], clip=sched["clip_sample_range"] if sched["clip_sample"] else 1e9,
               callback=cb)

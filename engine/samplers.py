@@ -30,6 +30,18 @@ def predict_x0(out: torch.Tensor, x: torch.Tensor, a_t: float, prediction: str, 
     return x0.clamp(-clip, clip)
 
 
+def ddim_sigma(a_t: float, a_s: float, eta: float) -> float:
+    """DDIM's sigma_t (Song et al. 2021, eq. 16); 0 on the last step (a_s = 1) and for eta = 0."""
+    return eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
+
+
+def noise_draws(table: StepTable, sampler: str, eta: float = 0.0) -> int:
+    """How many per-step noise draws a sampler makes over `table` (the initial noise not included)."""
+    if sampler == "ddim":
+        return sum(ddim_sigma(float(a), float(b), eta) > 0 for a, b in zip(table.alpha_bar_t, table.alpha_bar_s))
+    return int((table.timesteps > 0).sum())
+
+
 def ddim(model: ModelFn, x: torch.Tensor, table: StepTable, noise: NoiseFn, *, prediction: str = "epsilon",
          clip: float = 1.0, eta: float = 0.0, callback: Callable | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eps is recomputed from the clipped x0, as GLIDE / guided-diffusion do."""
@@ -39,7 +51,7 @@ def ddim(model: ModelFn, x: torch.Tensor, table: StepTable, noise: NoiseFn, *, p
         out = model(x, i)[:, :C]  # drop learned-variance channels
         x0 = predict_x0(out, x, a_t, prediction, clip)
         eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
+        sigma = ddim_sigma(a_t, a_s, eta)
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * noise(tuple(x.shape))

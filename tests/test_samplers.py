@@ -65,3 +65,23 @@ def test_ddim_equals_float64_reference(prediction, clip, eta):
 def test_linear_schedule():
     b = betas_for("linear")
     assert b[0] == 1e-4 and b[-1] == 0.02 and len(b) == 1000
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("unclip", 0.0)])
+@pytest.mark.parametrize("steps", [1, 2, 7, 25])
+def test_noise_draws_counts_what_the_sampler_draws(sampler, eta, steps):
+    """The pipeline draws each stage's step noise up front; the count must be exactly what the sampler uses."""
+    table = step_table(steps)
+    calls = []
+
+    def noise(shape):
+        calls.append(shape)
+        return torch.zeros(shape)
+
+    model = lambda x, i: torch.zeros(x.shape[0], 2 * x.shape[1])  # noqa: E731
+    x = torch.zeros(1, 3)
+    if sampler == "ddim":
+        samplers.ddim(model, x, table, noise, eta=eta)
+    else:
+        samplers.unclip(model, x, table, noise, variance="learned_range")
+    assert len(calls) == samplers.noise_draws(table, sampler, eta)
