@@ -39,7 +39,7 @@ def noise_draws(table: StepTable, sampler: str, eta: float = 0.0) -> int:
     """How many per-step noise draws a sampler makes over `table` (the initial noise not included)."""
     if sampler == "ddim":
         return sum(ddim_sigma(float(a), float(b), eta) > 0 for a, b in zip(table.alpha_bar_t, table.alpha_bar_s))
-    return int((table.timesteps > 0).sum())
+    return int(((table.timesteps > 0) & (table.alpha_bar_s < 1.0)).sum())
 
 
 def ddim(model: ModelFn, x: torch.Tensor, table: StepTable, noise: NoiseFn, *, prediction: str = "epsilon",
@@ -72,7 +72,7 @@ def unclip(model: ModelFn, x: torch.Tensor, table: StepTable, noise: NoiseFn, *,
         x0 = predict_x0(out[:, :C], x, a_t, prediction, clip)
         beta = 1 - a_t / a_s  # beta of the respaced step t -> s
         mean = (math.sqrt(a_s) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t)) * x
-        if t > 0:
+        if t > 0 and a_s < 1.0:  # diffusers' rule (t > 0); the final step (abar_s = 1) never adds noise
             var_post = beta * (1 - a_s) / (1 - a_t)
             if variance == "learned_range":
                 assert out.shape[1] == 2 * C, out.shape
