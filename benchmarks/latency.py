@@ -344,6 +344,8 @@ def main(argv=None):
         print(json.dumps(res))
         return
 
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU on this machine")
     import importlib.util
     from unclip.models import build_preset, load_model, save_model
     out = Path(a.out)
@@ -361,6 +363,11 @@ def main(argv=None):
     if "diffusers" in backends and not importlib.util.find_spec("diffusers"):
         backends.remove("diffusers")
         notes.append("diffusers is not installed: the baseline was skipped (pip install diffusers transformers)")
+    if a.precision == "bf16":
+        for b in ("onnxruntime", "tensorrt"):
+            if b in backends:
+                backends.remove(b)
+                notes.append(f"{b} skipped: no bf16 engines (export takes fp32 or fp16)")
     engines = str(out / f"engines-{Path(name).name}-{a.precision}")
     export_s = None
     if any(b in ("onnxruntime", "tensorrt") for b in backends):
@@ -380,12 +387,17 @@ def main(argv=None):
     results, stages = {}, {}
     for b in backends:
         print(f"benchmarking {b} ...", file=sys.stderr)
-        results[b] = run_worker(b, dict(cfg, backend=b))
+        try:
+            results[b] = run_worker(b, dict(cfg, backend=b))
+        except RuntimeError as e:  # e.g. onnxruntime without CUDA on --device cuda: report it, keep the rest
+            last = [line for line in str(e).splitlines() if line.strip()][-1]
+            notes.append(f"{b} failed and was left out: {last}")
+            continue
         stages[b] = stage_rows(results[b], flops, peak)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "versions": versions(),
               "settings": {**cfg, "model": name, "prompt": PROMPT}, "matmul_peak_gflops": peak,
               "flops_per_call": flops, "export_s": export_s, "results": results, "stages": stages, "notes": notes}
-    if "diffusers" in results:
+    if "diffusers" in results and len(results) > 1:
         import numpy as np
         base = results["diffusers"]
         ref = np.load(base["image"]).astype(np.float64) / 255

@@ -23,7 +23,8 @@ class BackendUnavailable(Exception):
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None, threads: int = 0):
+    def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None, threads: int = 0,
+                 tensorrt_ep: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -45,6 +46,14 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable("onnxruntime has no CUDA provider here (available: " + ", ".join(avail) +
                                          "); install onnxruntime-gpu in a clean environment")
             self.providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+            if tensorrt_ep:
+                if "TensorrtExecutionProvider" not in avail:
+                    raise BackendUnavailable("onnxruntime has no TensorRT execution provider here; install TensorRT "
+                                             "next to onnxruntime-gpu, or drop tensorrt_ep")
+                self.providers.insert(0, ("TensorrtExecutionProvider", {"device_id": self.device.index or 0,
+                                                                        "trt_fp16_enable": True,
+                                                                        "trt_engine_cache_enable": True,
+                                                                        "trt_engine_cache_path": str(self.dir)}))
         else:
             self.providers = ["CPUExecutionProvider"]
         self.threads = threads
