@@ -43,6 +43,14 @@ def default_engines_dir(model: str, precision: str) -> Path:
     return Path("engines") / f"{model_name(model)}-{precision}"
 
 
+def _same_model(source: str | None, model: str) -> bool:
+    """Whether an export's recorded source is `model` (a preset name, or the same folder however spelled)."""
+    if not source or source == model:
+        return True
+    a, b = Path(source), Path(model)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def make_backend(backend: str, model: str, engines: str | None, device: str, precision: str, max_batch: int,
                  notify=print):
     from unclip.export.artifacts import ExportError
@@ -77,7 +85,7 @@ def make_backend(backend: str, model: str, engines: str | None, device: str, pre
         else:
             from unclip.engine.backend_trt import TensorRTBackend
             b = TensorRTBackend(out, device, fix)
-        if b.manifest.get("source") not in (None, "", model):
+        if not _same_model(b.manifest.get("source"), model):
             raise UserError(f"{out} holds engines of {b.manifest['source']!r}, not {model!r}; pass --engines for "
                             f"another folder or run: {fix} --force")
         return b
