@@ -13,14 +13,16 @@ CONV_NETS = ("decoder", "sr256_first", "sr256_last", "sr1024")  # U-Nets: NHWC c
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, device: str | torch.device = "cpu", precision: str = "fp32", max_batch: int = 64):
+    def __init__(self, model, device: str | torch.device = "cpu", precision: str = "fp32", max_batch: int = 64,
+                 channels_last: bool = True):
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         self.model = model.to(self.device, self.dtype).eval()
         self.spec = spec_from_model(model)
         self.contracts = contracts(self.spec, max_batch)
         self.nets = model.networks()
-        for name in CONV_NETS:
+        self.conv_nets = CONV_NETS if channels_last else ()
+        for name in self.conv_nets:
             if name in self.nets:
                 self.nets[name].to(memory_format=torch.channels_last)
 
@@ -31,7 +33,7 @@ class TorchBackend:
     def run(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.contracts[network]
         args = [inputs[t.name] for t in c.inputs]
-        if network in CONV_NETS:
+        if network in self.conv_nets:
             args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
         outs = self.nets[network](*args)
         outs = outs if isinstance(outs, tuple) else (outs,)

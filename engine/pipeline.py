@@ -155,7 +155,7 @@ def guided_any(settings: Settings) -> bool:
 
 def encode_text(backend, spec: ModelSpec, prompts: list[str], settings: Settings, negative: list[str] | None = None
                 ) -> Text:
-    tok = spec.tokenizer()
+    tok = spec.tokenizer
     ids, mask = tok(prompts)  # (N, 77)
     guide = guided_any(settings)
     if guide:

@@ -3,6 +3,7 @@ runtime never imports the torch networks."""
 from __future__ import annotations
 
 import base64
+import functools
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ class ModelSpec:
             nets.insert(1, "image_encoder")
         return nets
 
+    @functools.cached_property
     def tokenizer(self):
+        """Built once per spec (cached_property writes the instance dict, which a frozen dataclass allows)."""
         from unclip.models.tokenizer import CLIPTokenizer  # pure tokenizers code, no torch networks
         return CLIPTokenizer({k: base64.b64decode(v) for k, v in self.tokenizer_files.items()},
                              source=f"{self.name}/tokenizer")

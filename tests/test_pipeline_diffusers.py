@@ -61,7 +61,8 @@ def test_unclip_sampler_equals_diffusers(folder, diffusers_pipe, prompt, steps, 
     ref = diffusers_pipe(prompt, generator=torch.Generator().manual_seed(seed), prior_num_inference_steps=steps[0],
                          decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2],
                          output_type="np").images  # (1, H, W, 3) in [0, 1]
-    backend = TorchBackend(load_model(folder))
+    # diffusers' memory layout (NCHW): the same maths in the same order, compared strictly below.
+    backend = TorchBackend(load_model(folder), channels_last=False)
     s = Settings(seed=seed, sampler="unclip", prior_steps=steps[0], decoder_steps=steps[1], sr256_steps=steps[2])
     res = generate(backend, backend.spec, prompt, s, keep=True)
     # Prior and decoder outputs: tight.
@@ -74,8 +75,19 @@ def test_unclip_sampler_equals_diffusers(folder, diffusers_pipe, prompt, steps, 
     if steps == (25, 25, 7):
         # Default steps: the random SR networks amplify 1e-7 float noise on a few pixels (SPEC.md, known traps;
         # a 1e-7 change of the text embedding alone moves one pixel by 0.015 here): compare robustly.
-        assert err.mean() <= 1e-4 and (err > 1e-2).mean() <= 1e-3, (err.mean(), (err > 1e-2).mean())
+        assert err.mean() <= 1e-4 and (err > 1e-3).mean() <= 1e-3, (err.mean(), (err > 1e-3).mean())
     else:
         assert err.max() <= 1e-3, f"max abs difference {err.max():.3g}"
         # The uint8 image is diffusers' numpy_to_pil rounding of the same values.
         assert np.abs(res.images.numpy().astype(int) - (ref * 255).round().astype(int)).max() <= 1
+
+
+def test_default_channels_last_backend_equals_diffusers(folder, diffusers_pipe):
+    """The default torch backend runs its U-Nets channels-last (faster on CPU); that reorders float sums, which the
+    random upsamplers amplify at default steps, so this whole-loop check uses the issue's robust measure."""
+    ref = diffusers_pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
+    backend = TorchBackend(load_model(folder))
+    res = generate(backend, backend.spec, "a photo of a cat", Settings(sampler="unclip"), keep=True)
+    ours = (res.intermediates["image_256"].clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
+    err = np.abs(ours - ref)
+    assert err.mean() <= 2e-3 and (err > 0.05).mean() <= 1e-3, (err.mean(), (err > 0.05).mean())
