@@ -2,8 +2,12 @@
 today) against this project's torch and onnxruntime (and tensorrt) backends, on the same weights, prompt, seed,
 steps and guidance, side by side in one run.
 
-    python benchmarks/latency.py                      # small preset, CPU, writes benchmarks/results/latency.{md,json}
+    python benchmarks/latency.py                      # demo model, CPU, writes benchmarks/results/latency.{md,json}
+    python benchmarks/latency.py --preset small --backend diffusers --backend openvino:bf16 --backend torch:bf16
     python benchmarks/latency.py --preset tiny --repeats 1 --out /tmp/b    # what CI runs
+
+--backend NAME[:PRECISION[:TORCH_MODE]] (repeatable) picks the runs, e.g. torch:bf16:compile; diffusers, the
+baseline, runs at --precision.
 
 Each backend runs in its own worker process (its own thread pool and peak-memory reading). Warm-up runs are left
 out; figures are medians over --repeats; ratios are baseline / ours computed pair by pair in the same run.
@@ -29,6 +33,7 @@ STAGE_OF = {"text_encoder": "text_encoder", "prior": "prior", "text_proj": "text
             "sr256_first": "sr256", "sr256_last": "sr256", "sr1024": "sr1024"}
 STAGES = ["text_encoder", "prior", "text_proj", "decoder", "sr256", "sr1024"]
 PROMPT = "a high-resolution photograph of a big red frog on a green leaf"
+DEMO_PROMPT = "a big red star on a blue background"  # the demo model knows only the shapes world's words
 
 
 # --- measuring ---------------------------------------------------------------------------------------------
@@ -73,35 +78,51 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def matmul_peak_gflops(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+def _best_gflops(fn, flop: float, device: str, reps: int) -> float:
+    for _ in range(2):
+        fn()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(4):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * n ** 3 / best / 1e9
+    return flop / best / 1e9
+
+
+@torch.inference_mode()
+def peak_gflops(device: str, dtype: torch.dtype) -> tuple[float, dict]:
+    """The machine's peak for this precision: the best of a few large GEMMs and 3x3 convolutions (channels-last,
+    the layout the U-Nets run in), each timed best-of-4, so that no stage can honestly exceed 100% of it."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {}
+    for n in (1024, 2048):
+        a = torch.randn(n, n, generator=g).to(device, dtype)
+        b = torch.randn(n, n, generator=g).to(device, dtype)
+        shapes[f"gemm {n}"] = _best_gflops(lambda: a @ b, 2 * n ** 3, device, 10 if n == 1024 else 3)
+    for c, hw in ((128, 64), (256, 32), (64, 128)):
+        x = torch.randn(4, c, hw, hw, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
+        shapes[f"conv3x3 {c}ch {hw}px"] = _best_gflops(lambda: conv(x), 2 * 9 * c * c * hw * hw * 4, device, 5)
+    return max(shapes.values()), shapes
 
 
 def flops_per_call(model, batch: int) -> dict[str, float]:
     """FLOPs of one call of each network at the batch the pipeline runs it (guided stages at 2N)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from unclip.engine.spec import spec_from_model
-    from unclip.export.contract import GUIDED, contracts
+    from unclip.core.contract import contracts
+    from unclip.core.spec import spec_from_model
+    from unclip.core.stages import NETWORK_STAGE, can_guide
     spec = spec_from_model(model)
     out = {}
     for name, c in contracts(spec).items():
         if name == "image_encoder":
             continue
-        b = batch * (2 if name in GUIDED else 1)
+        b = batch * (2 if can_guide(NETWORK_STAGE[name]) else 1)
         inp = c.sample_inputs(b, spec)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model.networks()[name](*[inp[t.name] for t in c.inputs])
@@ -119,19 +140,24 @@ def _settings(cfg, n):
 
 
 def worker_ours(cfg: dict) -> dict:
-    from unclip.engine.api import make_backend
+    from types import SimpleNamespace
+
+    from unclip.engine.backend import open_backend
     t = time.perf_counter()
-    b = make_backend(cfg["backend"], cfg["model"], cfg["engines"], cfg["device"], cfg["precision"], cfg["batch"],
+    b = open_backend(SimpleNamespace(backend=cfg["backend"], model=cfg["model"], engines=cfg["engines"],
+                                     device=cfg["device"], precision=cfg["precision"], max_batch=cfg["batch"],
+                                     torch_mode=cfg["torch_mode"]),
                      notify=lambda m: print(m, file=sys.stderr))
     for name in b.spec.networks:  # load every session/engine now: cold start, not first-step time
-        if hasattr(b, "session"):
-            b.session(name)
+        for load in ("session", "_request", "_load"):
+            if hasattr(b, load):
+                getattr(b, load)(name)
     from unclip.engine.pipeline import generate
     timer = Timer(cfg["device"])
     b.run = timer.wrap(b.run)
 
     def gen(n):
-        return generate(b, b.spec, PROMPT, _settings(cfg, n)).images
+        return generate(b, b.spec, cfg["prompt"], _settings(cfg, n)).images
     return _measure(cfg, gen, timer, load_s=time.perf_counter() - t)
 
 
@@ -140,7 +166,7 @@ def worker_diffusers(cfg: dict) -> dict:
     loop written with diffusers' UNet2DModel and scheduler, so both sides do the same work."""
     t = time.perf_counter()
     import diffusers
-    from diffusers import UnCLIPPipeline, UNet2DModel, UnCLIPScheduler
+    from diffusers import UnCLIPPipeline, UnCLIPScheduler, UNet2DModel
     try:
         from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     except ImportError:
@@ -154,7 +180,7 @@ def worker_diffusers(cfg: dict) -> dict:
     for sch in (pipe.prior_scheduler, pipe.decoder_scheduler, pipe.super_res_scheduler):
         _float64_tables(sch, sch.betas.double())
     sr1024 = None
-    if cfg["size"] == 1024:
+    if cfg["sr1024"]:
         sr1024 = UNet2DModel.from_pretrained(os.path.join(cfg["folder"], "sr1024"), torch_dtype=dtype).to(cfg["device"])
     load_s = time.perf_counter() - t
     timer = Timer(cfg["device"])
@@ -167,16 +193,17 @@ def worker_diffusers(cfg: dict) -> dict:
     def gen(n):
         steps = cfg["steps"]
         g = torch.Generator().manual_seed(0)
-        x = pipe(PROMPT, num_images_per_prompt=n, generator=g, prior_num_inference_steps=steps[0],
+        x = pipe(cfg["prompt"], num_images_per_prompt=n, generator=g, prior_num_inference_steps=steps[0],
                  decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2], output_type="np").images
         if sr1024 is None:
             return torch.from_numpy((x * 255).round().astype("uint8"))
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(cfg["device"], dtype) * 2 - 1
         size = 4 * x.shape[-1]
         low = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).to(dtype)
-        sched = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon")
-        if cfg["sr1024_schedule"]["beta_schedule"] == "linear":  # UnCLIPScheduler only builds cosine tables
-            c = cfg["sr1024_schedule"]
+        c = cfg["sr1024_schedule"]
+        sched = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type=c["prediction_type"],
+                                clip_sample=c["clip_sample"], clip_sample_range=c["clip_sample_range"])
+        if c["beta_schedule"] == "linear":  # UnCLIPScheduler only builds cosine tables
             _float64_tables(sched, torch.linspace(c["beta_start"], c["beta_end"], c["num_train_timesteps"],
                                                   dtype=torch.float64))
         else:
@@ -217,7 +244,7 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         gen(cfg["batch"])
         sync()
         batch_s = time.perf_counter() - t
-    image_path = os.path.join(cfg["out"], f"image-{cfg['backend']}.npy")
+    image_path = os.path.join(cfg["out"], f"image-{cfg.get('label', cfg['backend']).replace(' ', '-')}.npy")
     import numpy as np
     np.save(image_path, image.numpy())
     nets = {}
@@ -227,7 +254,18 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         nets[name] = {"seconds": secs, "calls": calls}
     return {"image": image_path, "load_s": load_s, "seconds_per_image": statistics.median(runs), "runs": runs,
             "images_per_second": cfg["batch"] / batch_s, "batch": cfg["batch"],
-            "peak_memory_mb": peak_memory_mb(cfg["device"]), "networks": nets}
+            "peak_memory_mb": peak_memory_mb(cfg["device"]), "networks": nets,
+            "network_calls_per_image": sum(n["calls"] for n in nets.values()),
+            "cuda_launches_per_image": cuda_launches(gen) if cfg["device"].startswith("cuda") else None}
+
+
+def cuda_launches(gen) -> int:
+    """CUDA kernel launches and graph replays of one image, counted by the profiler (CUPTI sees every library's)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen(1)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 # --- orchestration -------------------------------------------------------------------------------------------
@@ -256,6 +294,15 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+def _parse_run(entry: str, precision: str) -> tuple[str, str, str, str]:
+    """--backend NAME[:PRECISION[:TORCH_MODE]], e.g. torch:bf16:compile -> (label, backend, precision, mode)."""
+    parts = entry.split(":")
+    backend, prec = parts[0], parts[1] if len(parts) > 1 else precision
+    mode = parts[2] if len(parts) > 2 else "eager"
+    return f"{backend}" + (f" {prec}" if prec != precision or len(parts) > 1 else "") + (
+        f" {mode}" if mode != "eager" else ""), backend, prec, mode
 
 
 def run_worker(kind: str, cfg: dict) -> dict:
@@ -291,9 +338,10 @@ def markdown(report: dict) -> str:
     base = report["results"].get("diffusers")
     lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
              + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
-             + f"; {report['settings']['device']}, {report['settings']['precision']}; preset/model "
-             f"`{report['settings']['model']}`; steps {'/'.join(map(str, report['settings']['steps']))}; "
-             f"matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; {report['date']}", "",
+             + f"; {report['settings']['device']}; preset/model `{report['settings']['model']}`; steps "
+             f"{'/'.join(map(str, report['settings']['steps']))}; peak (best of GEMM/conv shapes) "
+             + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in report["peak_gflops"].items())
+             + f"; {report['date']}", "",
              "| stage | GFLOP/step | " + " | ".join(f"{n} ms/step" for n in names) + " | "
              + " | ".join(f"{n} % of peak" for n in names if n != "diffusers") + " |",
              "|---" * (2 + len(names) + len([n for n in names if n != "diffusers"])) + "|"]
@@ -306,26 +354,29 @@ def markdown(report: dict) -> str:
         pct = [f"{100 * report['stages'][n][st]['fraction_of_peak']:.0f}%" if report["stages"][n].get(st) else "-"
                for n in names if n != "diffusers"]
         lines.append(f"| {st} | {gf:.2f} | " + " | ".join(cells) + " | " + " | ".join(pct) + " |")
+    cuda = report["settings"]["device"].startswith("cuda")
     lines += ["", "| backend | load s | s/image (batch 1) | images/s (batch "
               f"{report['settings']['batch']}) | peak memory MB | speed-up vs diffusers (batch 1) | "
-              "speed-up (batch) |", "|---|---|---|---|---|---|---|"]
+              "speed-up (batch) | network calls / image" + (" | CUDA launches / image |" if cuda else " |"),
+              "|---" * (9 if cuda else 8) + "|"]
     for n in names:
         r = report["results"][n]
         up1 = f"{base['seconds_per_image'] / r['seconds_per_image']:.2f}x" if base else "-"
         upb = f"{r['images_per_second'] / base['images_per_second']:.2f}x" if base else "-"
         lines.append(f"| {n} | {r['load_s']:.1f} | {r['seconds_per_image']:.2f} | {r['images_per_second']:.3f} | "
-                     f"{r['peak_memory_mb']:.0f} | {up1} | {upb} |")
+                     f"{r['peak_memory_mb']:.0f} | {up1} | {upb} | {r.get('network_calls_per_image', '-')}"
+                     + (f" | {r.get('cuda_launches_per_image')} |" if cuda else " |"))
     for b, d in report.get("image_difference", {}).items():
         lines.append(f"Image vs diffusers ({b}, batch 1, same seed, `unclip` sampler): mean abs difference "
                      f"{d['mean_abs']:.2e}, {100 * d['fraction_over_0.05']:.3f}% of pixels off by more than 0.05.")
-    if report.get("export_s") is not None:
-        lines += ["", f"Cold start: export {report['export_s']:.1f} s (onnxruntime engines)."]
+    for p, secs in (report.get("export_s") or {}).items():
+        lines += ["", f"Cold start: export of the {p} ONNX engines {secs:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="small", help="built-in preset (ignored with --model)")
+    p.add_argument("--preset", default="demo", help="built-in model: demo, tiny, small (ignored with --model)")
     p.add_argument("--model", default=None, help="a diffusers-layout model folder (e.g. Karlo)")
     p.add_argument("--backend", action="append", default=None,
                    help="repeatable: diffusers, torch, onnxruntime, tensorrt [default: all available]")
@@ -347,55 +398,64 @@ def main(argv=None):
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA GPU on this machine")
     import importlib.util
+
+    from unclip.core.identity import demo_folder
     from unclip.models import build_preset, load_model, save_model
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = a.model or a.preset
     model = load_model(a.model) if a.model else build_preset(a.preset)
-    folder = a.model or str(out / f"model-{a.preset}")
-    if not a.model and not Path(folder, "model_index.json").exists():
+    folder = a.model or (str(demo_folder()) if a.preset == "demo" else str(out / f"model-{a.preset}"))
+    if not Path(folder, "model_index.json").exists():
         save_model(model, folder, overwrite=True)
-    size = 1024 if model.sr1024 is not None else 256
+    from unclip.core.spec import spec_from_model
+    from unclip.engine.pipeline import image_sizes
+    size = max(image_sizes(spec_from_model(model)))
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [25, 25, 7, 15]
-    backends = a.backend or ["diffusers", "torch", "onnxruntime"] + (
+    default = ["diffusers", "torch", "onnxruntime"] + (
+        ["openvino"] if importlib.util.find_spec("openvino") and a.device == "cpu" else []) + (
         ["tensorrt"] if importlib.util.find_spec("tensorrt") and a.device.startswith("cuda") else [])
+    runs = [_parse_run(e, a.precision) for e in (a.backend or default)]  # (label, backend, precision, torch mode)
     notes = []
-    if "diffusers" in backends and not importlib.util.find_spec("diffusers"):
-        backends.remove("diffusers")
+    if any(r[1] == "diffusers" for r in runs) and not importlib.util.find_spec("diffusers"):
+        runs = [r for r in runs if r[1] != "diffusers"]
         notes.append("diffusers is not installed: the baseline was skipped (pip install diffusers transformers)")
-    if a.precision == "bf16":
-        for b in ("onnxruntime", "tensorrt"):
-            if b in backends:
-                backends.remove(b)
-                notes.append(f"{b} skipped: no bf16 engines (export takes fp32 or fp16)")
-    engines = str(out / f"engines-{Path(name).name}-{a.precision}")
-    export_s = None
-    if any(b in ("onnxruntime", "tensorrt") for b in backends):
+    from unclip.engine.backend import PRECISIONS, export_precision
+    for r in list(runs):
+        if r[1] != "diffusers" and r[2] not in PRECISIONS[r[1]]:
+            runs.remove(r)
+            notes.append(f"{r[0]} skipped: {r[1]} has no {r[2]} ({', '.join(PRECISIONS[r[1]])})")
+    engines, export_s = {}, {}
+    for prec in sorted({export_precision(r[1], r[2]) for r in runs if r[1] not in ("diffusers", "torch")}):
         from unclip.export.onnx_export import export_model
+        engines[prec] = str(out / f"engines-{Path(name).name}-{prec}")
         t = time.perf_counter()
-        export_model(model, engines, precision="fp16" if a.precision == "fp16" else "fp32", max_batch=a.batch,
-                     source=folder)
-        export_s = time.perf_counter() - t
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
-    peak = matmul_peak_gflops(a.device, dtype)
+        export_model(model, engines[prec], precision=prec, max_batch=a.batch, source=folder)
+        export_s[prec] = time.perf_counter() - t
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    peaks = {p: peak_gflops(a.device, dtypes[p]) for p in sorted({r[2] for r in runs})}
     flops = flops_per_call(model, 1)
-    model_schedulers = model.schedulers
+    model_schedulers, has_sr1024 = model.schedulers, model.sr1024 is not None
     del model
-    cfg = {"model": folder, "folder": folder, "engines": engines, "device": a.device, "precision": a.precision,
-           "batch": a.batch, "steps": steps, "size": size, "repeats": a.repeats, "sampler": "unclip",
-           "out": str(out), "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}
+    cfg = {"model": folder, "folder": folder, "device": a.device, "batch": a.batch, "steps": steps, "size": size,
+           "sr1024": has_sr1024, "repeats": a.repeats, "sampler": "unclip", "out": str(out),
+           "prompt": DEMO_PROMPT if name == "demo" else PROMPT,
+           "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}
     results, stages = {}, {}
-    for b in backends:
-        print(f"benchmarking {b} ...", file=sys.stderr)
+    for label, backend, prec, mode in runs:
+        print(f"benchmarking {label} ...", file=sys.stderr)
         try:
-            results[b] = run_worker(b, dict(cfg, backend=b))
+            results[label] = run_worker(backend, dict(cfg, backend=backend, precision=prec, torch_mode=mode, label=label,
+                                                      engines=engines.get(export_precision(backend, prec))))
         except RuntimeError as e:  # e.g. onnxruntime without CUDA on --device cuda: report it, keep the rest
             last = [line for line in str(e).splitlines() if line.strip()][-1]
-            notes.append(f"{b} failed and was left out: {last}")
+            notes.append(f"{label} failed and was left out: {last}")
             continue
-        stages[b] = stage_rows(results[b], flops, peak)
+        stages[label] = stage_rows(results[label], flops, peaks[prec][0])
+        results[label]["precision"] = prec
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "versions": versions(),
-              "settings": {**cfg, "model": name, "prompt": PROMPT}, "matmul_peak_gflops": peak,
+              "settings": {**cfg, "model": name},
+              "peak_gflops": {p: v[0] for p, v in peaks.items()}, "peak_shapes": {p: v[1] for p, v in peaks.items()},
               "flops_per_call": flops, "export_s": export_s, "results": results, "stages": stages, "notes": notes}
     if "diffusers" in results and len(results) > 1:
         import numpy as np

@@ -1,114 +1,116 @@
-"""The `onnxruntime` backend: the graphs of an `unclip-export` directory. On CPU, tensors go through numpy; with
-onnxruntime-gpu, CUDA (or TensorRT) execution providers and I/O binding keep step tensors on the device."""
+"""The `onnxruntime` backend: the graphs of an `unclip-export` folder. On CPU, tensors go through numpy; with
+onnxruntime-gpu, the CUDA execution provider, one I/O binding per network and static output buffers per
+(network, batch) keep tensors on the device. Outputs are valid until the next call of the same network."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+from unclip.core.artifacts import read_manifest, verify_files
+from unclip.core.contract import Contract
+from unclip.core.errors import BackendUnavailable, ExportError
+from unclip.core.packages import require_onnxruntime
+from unclip.core.spec import ModelSpec
+from unclip.engine.backend import failed
 
-from unclip.engine.spec import ModelSpec
-from unclip.export.artifacts import ExportError, read_manifest, verify_files
-
-log = logging.getLogger(__name__)
-
-_NP = {"float32": np.float32, "int64": np.int64, "float16": np.float16}
-
-
-class BackendUnavailable(Exception):
-    """The backend's package or device is missing; the message names what to install."""
+_NP = {"float32": np.float32, "int64": np.int64}
+_TORCH = {"float32": torch.float32, "int64": torch.int64}
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None, threads: int = 0,
-                 tensorrt_ep: bool = False):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable("the onnxruntime backend needs the onnxruntime package: "
-                                     "pip install onnxruntime (or onnxruntime-gpu for CUDA, never both)") from None
-        self.ort = ort
-        ort.set_default_logger_severity(3)
+    def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None):
+        self.ort = require_onnxruntime()
         self.dir = Path(export_dir)
-        self.fix = fix or f"unclip-export --model MODEL --out {self.dir} --force"
-        self.manifest = read_manifest(self.dir, self.fix)
-        if fix is None and self.manifest.get("source"):
-            self.fix = f"unclip-export --model {self.manifest['source']} --out {self.dir} --force"
-        self.spec = ModelSpec.from_json(self.manifest["spec"])
+        manifest = read_manifest(self.dir, fix or f"unclip-export --model MODEL --out {self.dir}")
+        self.fix = fix or f"unclip-export --model {manifest.get('source') or 'MODEL'} --out {self.dir}"
+        self.manifest = manifest
+        try:
+            self.spec = ModelSpec.from_json(manifest["spec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"{self.dir / 'manifest.json'}: its model description is unreadable ({e}); "
+                              f"re-export: {self.fix} --force") from None
         self.device = torch.device(device)
-        self.dtype = torch.float32  # graphs take float32 I/O whatever their compute precision
         if self.device.type == "cuda":
-            avail = ort.get_available_providers()
+            avail = self.ort.get_available_providers()
             if "CUDAExecutionProvider" not in avail:
                 raise BackendUnavailable("onnxruntime has no CUDA provider here (available: " + ", ".join(avail) +
                                          "); install onnxruntime-gpu in a clean environment")
             self.providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
-            if tensorrt_ep:
-                if "TensorrtExecutionProvider" not in avail:
-                    raise BackendUnavailable("onnxruntime has no TensorRT execution provider here; install TensorRT "
-                                             "next to onnxruntime-gpu, or drop tensorrt_ep")
-                self.providers.insert(0, ("TensorrtExecutionProvider", {"device_id": self.device.index or 0,
-                                                                        "trt_fp16_enable": True,
-                                                                        "trt_engine_cache_enable": True,
-                                                                        "trt_engine_cache_path": str(self.dir)}))
         else:
             self.providers = ["CPUExecutionProvider"]
-        self.threads = threads
         self.sessions: dict = {}
+        self.outputs: dict = {}
+
+    def entry(self, network: str) -> dict:
+        entry = self.manifest["networks"].get(network)
+        if entry is None:
+            raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
+        return entry
 
     def max_batch(self, network: str) -> int:
-        return self.manifest["networks"][network]["profile"][2]
-
-    def has(self, network: str) -> bool:
-        return network in self.manifest["networks"]
+        return self.entry(network)["profile"][2]
 
     def session(self, network: str):
         if network not in self.sessions:
-            entry = self.manifest["networks"].get(network)
-            if entry is None:
-                raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
-            verify_files(self.dir, entry, network, self.fix)
+            entry = self.entry(network)
+            verify_files(self.dir, entry, network, self.fix + " --force")
             opts = self.ort.SessionOptions()
             opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
             path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
-            sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+            try:
+                sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+            except Exception as e:  # onnxruntime's errors have no common type; all mean a bad file here
+                raise ExportError(f"{path}: onnxruntime can't load it ({str(e).splitlines()[0][:200]}); re-export: "
+                                  f"{self.fix} --force") from None
             got = sess.get_providers()
             if self.device.type == "cuda" and "CUDAExecutionProvider" not in got:
                 # onnxruntime-gpu falls back to CPU silently when CUDA libraries are missing
                 raise BackendUnavailable(f"onnxruntime fell back to {got} for {network}: the CUDA libraries that "
                                          "onnxruntime-gpu needs are missing")
-            self.sessions[network] = (sess, entry)
+            contract = Contract.from_manifest(network, entry)
+            names = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
+            wanted = {t.name for t in contract.inputs + contract.outputs}
+            if names != wanted:
+                raise ExportError(f"{path}: the graph's inputs/outputs ({', '.join(sorted(names))}) are not those of "
+                                  f"{network}; the file was replaced; re-export: {self.fix} --force")
+            binding = sess.io_binding() if self.device.type == "cuda" else None
+            self.sessions[network] = (sess, contract, binding)
         return self.sessions[network]
 
-    def run(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        sess, entry = self.session(network)
-        if self.device.type == "cuda":
-            return self._run_bound(sess, entry, inputs)
-        feed = {name: inputs[name].detach().cpu().numpy().astype(_NP[dt], copy=False) for name, _, dt in entry["inputs"]}
-        outs = sess.run([o[0] for o in entry["outputs"]], feed)
-        return {o[0]: torch.from_numpy(v) for o, v in zip(entry["outputs"], outs)}
+    def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sess, contract, binding = self.session(network)
+        if binding is not None:
+            return self._run_bound(network, sess, contract, binding, feed)
+        inputs = {t.name: feed[t.name].detach().cpu().numpy().astype(_NP[t.dtype], copy=False)
+                  for t in contract.inputs}
+        try:
+            outs = sess.run([t.name for t in contract.outputs], inputs)
+        except Exception as e:  # onnxruntime's run-time failures (memory, a provider's error) have no common type
+            raise failed(self.name, network, e) from None
+        return {t.name: torch.from_numpy(v) for t, v in zip(contract.outputs, outs)}
 
-    def _run_bound(self, sess, entry, inputs):
-        """I/O binding: inputs and outputs stay in torch CUDA memory; no host copies per step."""
-        binding = sess.io_binding()
+    def _run_bound(self, network: str, sess, contract: Contract, binding, feed):
+        """I/O binding on CUDA: inputs and outputs stay in torch memory on the device; one binding per network."""
         dev = self.device.index or 0
         keep = []
-        for name, _, dt in entry["inputs"]:
-            t = inputs[name].contiguous()
-            t = t.to(torch.int64 if dt == "int64" else torch.float32)
-            keep.append(t)
-            binding.bind_input(name, "cuda", dev, _NP[dt], tuple(t.shape), t.data_ptr())
-        B = next(iter(inputs.values())).shape[0]
-        outs = {}
-        for name, shape, _ in entry["outputs"]:
-            o = torch.empty([B if d == "B" else d for d in shape], device=self.device, dtype=torch.float32)
-            outs[name] = o
-            binding.bind_output(name, "cuda", dev, np.float32, tuple(o.shape), o.data_ptr())
-        sess.run_with_iobinding(binding)
+        for t in contract.inputs:
+            x = feed[t.name].to(self.device, _TORCH[t.dtype]).contiguous()
+            keep.append(x)
+            binding.bind_input(t.name, "cuda", dev, _NP[t.dtype], tuple(x.shape), x.data_ptr())
+        B = feed[contract.inputs[0].name].shape[0]
+        if (network, B) not in self.outputs:  # static output buffers per (network, batch)
+            self.outputs[(network, B)] = {t.name: torch.empty(t.concrete(B), device=self.device, dtype=torch.float32)
+                                          for t in contract.outputs}
+        outs = self.outputs[(network, B)]
+        for t in contract.outputs:
+            o = outs[t.name]
+            binding.bind_output(t.name, "cuda", dev, np.float32, tuple(o.shape), o.data_ptr())
+        try:
+            sess.run_with_iobinding(binding)
+        except Exception as e:
+            raise failed(self.name, network, e) from None
         return outs

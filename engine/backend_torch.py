@@ -1,40 +1,71 @@
-"""The `torch` backend: the reference networks of unclip.models, on CPU or CUDA, in fp32, fp16 or bf16."""
+"""The `torch` backend: the reference networks of unclip.models, on CPU or CUDA, in fp32, fp16 or bf16. It takes
+fp32 tensors and returns fp32 tensors whatever precision it computes in."""
 from __future__ import annotations
 
-import torch
+import copy
 
-from unclip.export.contract import contracts
-from unclip.engine.spec import spec_from_model
+import torch
+from unclip.core.contract import contracts
+from unclip.core.spec import spec_from_model
+from unclip.core.stages import IMAGE_STAGES, STAGES
+from unclip.engine.backend import failed
+from unclip.engine.static import StaticNetwork
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CONV_NETS = ("decoder", "sr256_first", "sr256_last", "sr1024")  # U-Nets: NHWC convs are 1.1-1.5x faster on CPU
+CONV_NETS = tuple(n for s in IMAGE_STAGES for n in STAGES[s].networks)  # U-Nets: NHWC convs are 1.1-1.5x on CPU
+
+
+MODES = ("eager", "static", "cuda-graphs", "compile")
 
 
 class TorchBackend:
+    """mode: eager (the networks called as they are); static (static input/output buffers per network and batch,
+    constant inputs copied once per stage: engine/static.py); cuda-graphs (static, each network call a replayed
+    CUDA graph; CUDA only); compile (torch.compile, Inductor: fuses normalisations and activations, CPU or CUDA)."""
     name = "torch"
 
     def __init__(self, model, device: str | torch.device = "cpu", precision: str = "fp32", max_batch: int = 64,
-                 channels_last: bool = True):
+                 channels_last: bool = True, copy: bool = True, mode: str = "eager"):
+        """With copy=False the backend converts `model`'s networks in place (to the device, dtype and memory
+        format) instead of converting copies: for callers that hand the model over."""
+        assert mode in MODES, mode
+        self.spec = spec_from_model(model)  # read before any conversion: the statistics stay fp32
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
-        self.model = model.to(self.device, self.dtype).eval()
-        self.spec = spec_from_model(model)
         self.contracts = contracts(self.spec, max_batch)
-        self.nets = model.networks()
-        self.conv_nets = CONV_NETS if channels_last else ()
-        for name in self.conv_nets:
-            if name in self.nets:
-                self.nets[name].to(memory_format=torch.channels_last)
+        self.mode, self.channels_last = mode, channels_last
+        self.nets = {}
+        for name, net in model.networks().items():
+            net = (copy_module(net) if copy else net).to(self.device, self.dtype).eval().requires_grad_(False)
+            if channels_last and name in CONV_NETS:
+                net = net.to(memory_format=torch.channels_last)
+            self.nets[name] = torch.compile(net, dynamic=False) if mode == "compile" else net
+        self.statics: dict[tuple[str, int], StaticNetwork] = {}
 
     def max_batch(self, network: str) -> int:
         return self.contracts[network].profile[2]
 
-    @torch.inference_mode()
-    def run(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        c = self.contracts[network]
-        args = [inputs[t.name] for t in c.inputs]
-        if network in self.conv_nets:
+    def _call(self, network: str, *args: torch.Tensor):
+        if self.channels_last and network in CONV_NETS:
             args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
-        outs = self.nets[network](*args)
+        return self.nets[network](*args)  # the networks cast to their own dtype
+
+    @torch.inference_mode()
+    def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.contracts[network]
+        try:
+            if self.mode in ("static", "cuda-graphs"):
+                key = (network, feed[c.inputs[0].name].shape[0])
+                if key not in self.statics:
+                    self.statics[key] = StaticNetwork(lambda *a: self._call(network, *a), c, key[1], self.device,
+                                                      capture=self.mode == "cuda-graphs")
+                return self.statics[key].run(feed)
+            outs = self._call(network, *[feed[t.name].to(self.device) for t in c.inputs])
+        except (MemoryError, torch.cuda.OutOfMemoryError) as e:  # a resource, not a bug: other errors stay tracebacks
+            raise failed(self.name, network, e) from None
         outs = outs if isinstance(outs, tuple) else (outs,)
-        return {t.name: o for t, o in zip(c.outputs, outs)}
+        return {t.name: o.float() for t, o in zip(c.outputs, outs)}
+
+
+def copy_module(net: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(net)

@@ -9,31 +9,52 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-from unclip.engine.pipeline import (Noise, Result, Settings, Text, decoder_model, encode_text, finish,
-                                    sample_prior, upsample)
+from unclip.core.errors import RequestError
+from unclip.core.spec import ModelSpec
+from unclip.engine import samplers
+from unclip.engine.pipeline import (
+    Noise,
+    Result,
+    Settings,
+    Text,
+    decoder_model,
+    encode_text,
+    finish,
+    kept,
+    sample_prior,
+    upsample,
+)
 from unclip.engine.schedules import table_for
-from unclip.engine.spec import ModelSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageInputError(ValueError):
+class ImageInputError(RequestError):
     """An input image that can't be used; the message names the file and the fix."""
 
 
 def load_image(path: str | Path):
-    """Open any image file as RGB (alpha composited on white, palette and greyscale converted)."""
+    """Open any image file as RGB (alpha composited on white, palette, greyscale and 16-bit converted). Images
+    over Pillow's decompression-bomb limit (about 179 megapixels) are refused."""
     from PIL import Image, UnidentifiedImageError
     try:
         img = Image.open(path)
         img.load()
     except FileNotFoundError:
         raise ImageInputError(f"{path}: no such file; pass an image file (PNG, JPEG, WebP, ...)") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{path}: the image is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} "
+                              "pixels); pass a smaller image") from None
+    except PermissionError:
+        raise ImageInputError(f"{path}: permission denied; pass an image file you can read") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageInputError(f"{path}: not a readable image ({e.__class__.__name__}); pass a PNG, JPEG or WebP "
                               "file") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit greyscale: scale, don't clip
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I") else (1.0 if a.max() <= 1.0 else 255.0)  # I: 16-bit sources
+        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -59,13 +80,13 @@ def image_embedding(backend, spec: ModelSpec, img) -> torch.Tensor:
     if spec.image_size is None:
         raise ImageInputError(f"model {spec.name!r} has no image encoder (no image_encoder/ folder); use a model "
                               "that has one, e.g. kakaobrain/karlo-v1-alpha-image-variations")
-    px = clip_pixels(img, spec.image_size).to(backend.device, backend.dtype)
-    return backend.run("image_encoder", {"pixel_values": px})["image_embeds"].float()  # (1, D)
+    px = clip_pixels(img, spec.image_size).to(backend.device)
+    return kept(backend.run("image_encoder", {"pixel_values": px})["image_embeds"])  # (1, D)
 
 
 def empty_text(backend, spec: ModelSpec, settings: Settings, n: int) -> Text:
     """The prompt "" on both guidance halves, as Karlo / diffusers do for variations."""
-    return encode_text(backend, spec, [""] * n, settings, negative=[""] * n)
+    return encode_text(backend, spec, [""] * n, settings, negatives=[""] * n)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
@@ -92,15 +113,20 @@ def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, t
     know yet: each step is solved by fixed-point iteration x_t = F(eps(x_t, t_i)), starting from eps at the
     current point, so that decoding the result with eta = 0 retraces the same path."""
     N, dev = z.shape[0], backend.device
-    model = decoder_model(backend, settings, z, text)
-    table = table_for(SimpleNamespace(**spec.schedulers["decoder"]), settings.decoder_steps)
+    sched = spec.schedulers["decoder"]
+    table = table_for(SimpleNamespace(**sched), settings.decoder_steps)
+    model = decoder_model(backend, settings, z, text)  # guided as decoding will be
+    # The network's own (unclipped) eps: at a fixed point whose x0 lies inside the clip range, decoding's clipped
+    # x0 and recomputed eps are the same, so decoding retraces the path. Starting from clipped values instead
+    # would never find it at the noisy end, where x0 = x_t / sqrt(abar_t) is clipped for almost every x_t.
+    denoise = samplers.denoiser(lambda x, i: model(x, torch.full((N,), float(table.timesteps[i]), device=dev), i),
+                                table, sched["prediction_type"], math.inf)
     x = image.float()
     for i in reversed(range(len(table))):  # undo decoding step i: abar_s[i] -> abar_t[i]
         a_t, a_s = float(table.alpha_bar_t[i]), float(table.alpha_bar_s[i])
-        t = torch.full((N,), float(table.timesteps[i]), device=dev)
         x_t = x
         for _ in range(1 + fixed_point_iters):
-            eps = model(x_t, t, i)[:, :3]
+            eps = (x_t - math.sqrt(a_t) * denoise(x_t, i).x0) / math.sqrt(1 - a_t)
             x0 = (x - math.sqrt(1 - a_s) * eps) / math.sqrt(a_s)
             x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
         x = x_t
@@ -114,19 +140,18 @@ def variation(backend, spec: ModelSpec, settings: Settings, img, invert: bool = 
     z = image_embedding(backend, spec, img).expand(n, -1)
     text = empty_text(backend, spec, settings, n)
     noise = Noise(settings.seed, n, backend.device, first=first_image)
-    out = Result(images=torch.empty(0))
-    out.intermediates["image_embeds"] = z
     x_T = None
     if invert:
         S = spec.decoder_size
         x0 = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         x0 = upsample(_center_square(x0), S).clamp(-1, 1).to(backend.device).expand(n, -1, -1, -1)
         x_T = ddim_invert(backend, spec, replace(settings, sampler="ddim"), z, text, x0)
-        out.intermediates["inverted_noise"] = x_T
-    out.images = finish(backend, spec, settings, z, text, noise, progress, out, x_T)
+    res = finish(backend, spec, settings, z, text, noise, progress, x_T)
     if not keep:
-        out.intermediates = {}
-    return out
+        return Result(res.images)
+    if x_T is not None:
+        res.intermediates["inverted_noise"] = x_T
+    return res
 
 
 def _center_square(x: torch.Tensor) -> torch.Tensor:
@@ -135,27 +160,30 @@ def _center_square(x: torch.Tensor) -> torch.Tensor:
     return x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
 
 
+def image_or_prompt(item: str):
+    """A command-line endpoint: an existing image file is loaded as an image, anything else is a prompt."""
+    return load_image(item) if Path(item).is_file() else item
+
+
 def _endpoint(backend, spec, settings, item, noise: Noise):
-    """An image path or a prompt -> (z (1, D), text conditioning for the decoder)."""
-    if isinstance(item, (str, Path)) and Path(item).is_file():
-        img = load_image(item)
-        return image_embedding(backend, spec, img), empty_text(backend, spec, settings, 1), False
-    text = encode_text(backend, spec, [str(item)], settings)
-    return sample_prior(backend, spec, settings, text, noise), text, True
+    """A prompt (str) or an image (PIL) -> (z (1, D), text conditioning for the decoder, whether it is a prompt)."""
+    if not isinstance(item, str):
+        return image_embedding(backend, spec, item), empty_text(backend, spec, settings, 1), False
+    text = encode_text(backend, spec, [item], settings)
+    return sample_prior(backend, spec, settings, text, noise).z, text, True
 
 
 def _blend_text(a: Text, b: Text, theta: float) -> Text:
     """Text conditioning between two prompts: embeddings interpolated, the mask of the nearer end."""
-    return Text(a.ids if theta <= 0.5 else b.ids, a.mask if theta <= 0.5 else b.mask,
-                (1 - theta) * a.e + theta * b.e, (1 - theta) * a.H + theta * b.H, a.m if theta <= 0.5 else b.m,
-                a.guided)
+    near = a if theta <= 0.5 else b
+    return Text(near.ids, near.mask, (1 - theta) * a.e + theta * b.e, (1 - theta) * a.H + theta * b.H, a.guided)
 
 
-def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int, progress=None) -> list[torch.Tensor]:
-    """Frames of slerp(z_a, z_b, theta), theta = 0 ... 1, with the decoder and upsampler noise fixed across frames.
-    A and B are image paths or prompts; frame 0 and the last frame equal plain generation from A and B."""
-    if frames < 2:
-        raise ValueError(f"frames must be at least 2, got {frames}")
+def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int, progress=None):
+    """Frames (H, W, 3) uint8 of slerp(z_a, z_b, theta), theta = 0 ... 1, yielded one by one, with the decoder and
+    upsampler noise fixed across frames. A and B are prompts (str) or images (PIL); frame 0 and the last frame equal
+    plain generation from A and B."""
+    assert frames >= 2, frames
     noise = Noise(settings.seed, 1, backend.device)
     za, ta, pa = _endpoint(backend, spec, settings, a, noise)
     state_after_a = noise.get_state()
@@ -164,34 +192,38 @@ def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int,
     # Noise for every frame: the state plain generation has when the decoder starts (after the prior's draws,
     # the same count for any prompt; a fresh generator for images).
     state = state_after_a if pa else Noise(settings.seed, 1, backend.device).get_state()
-    images = []
-    for theta in np.linspace(0.0, 1.0, frames):
+    for k, theta in enumerate(np.linspace(0.0, 1.0, frames)):
         noise.set_state(state)
         z = slerp(za, zb, float(theta))
         text = _blend_text(ta, tb, float(theta))
-        images.append(finish(backend, spec, settings, z, text, noise, progress, Result(torch.empty(0)))[0])
-    return images
+        yield finish(backend, spec, settings, z, text, noise, _frame(progress, k, frames)).images[0]
 
 
-def text_diff(backend, spec: ModelSpec, settings: Settings, source, before: str, after: str, amount: float,
-              frames: int = 1, progress=None) -> list[torch.Tensor]:
+def text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[str, str], amount: float,
+              frames: int = 1, progress=None):
     """Edit toward `after` and away from `before`: z_theta = slerp(z, normalise(e_after - e_before), theta), for
-    theta in [0, amount] (one frame: theta = amount); the decoder noise is fixed across frames."""
-    if not 0.0 <= amount <= 1.0:
-        raise ValueError(f"amount must be in [0, 1], got {amount}")
+    theta in [0, amount] (one frame: theta = amount), frames yielded one by one; the decoder noise is fixed."""
+    assert 0.0 <= amount <= 1.0, amount
+    before, after = diff
+    pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))
+    d = pair.e[1] - pair.e[0]
+    if float(d.norm()) < 1e-6 * max(float(pair.e.norm()), 1e-12):
+        raise RequestError(f"--text-diff {before!r} {after!r}: the two texts encode the same (the tokenizer "
+                           "lower-cases and normalises them), so there is no direction to move in; give two "
+                           "different texts")
     noise = Noise(settings.seed, 1, backend.device)
     z, text, _ = _endpoint(backend, spec, settings, source, noise)
     state = noise.get_state()
-    pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))
-    d = pair.e[1].float() - pair.e[0].float()
     z_d = (d / d.norm().clamp_min(1e-12))[None] * z.norm(dim=-1, keepdim=True)  # direction of the diff, |z|
     thetas = [amount] if frames == 1 else list(np.linspace(0.0, amount, frames))
-    images = []
-    for theta in thetas:
+    for k, theta in enumerate(thetas):
         noise.set_state(state)
         z_t = slerp(z, z_d, float(theta))
-        images.append(finish(backend, spec, settings, z_t, text, noise, progress, Result(torch.empty(0)))[0])
-    return images
+        yield finish(backend, spec, settings, z_t, text, noise, _frame(progress, k, len(thetas))).images[0]
+
+
+def _frame(progress, k: int, n: int):
+    return progress if progress is None or n == 1 else (lambda s, i, m: progress(f"frame {k + 1}/{n} {s}", i, m))
 
 
 def contact_sheet(images: list[torch.Tensor]) -> torch.Tensor:

@@ -1,36 +1,105 @@
-"""Writing results: PNGs with the generation parameters in text chunks, and the --dump intermediates."""
+"""Writing results: PNGs with the generation parameters in text chunks, and the --dump intermediates.
+
+Every file is written under a fresh temporary name (created exclusively: a planted link is never followed) and
+then moved into place; an existing file is never replaced unless asked (overwrite=True): the next free name is
+taken instead (NAME-1.png, NAME-2.png, ...), atomically, so concurrent runs into one folder keep every image.
+Files get the permissions the umask gives (0644 under umask 022), like any tool's."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from unclip.core.artifacts import default_mode
+from unclip.core.errors import OutputError, RequestError
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _temp(folder: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # O_EXCL: never follows a link
     os.close(fd)
-    try:
-        write(tmp)
+    os.chmod(tmp, default_mode())
+    return tmp
+
+
+def place(tmp: str, path: Path, overwrite: bool) -> Path:
+    """Move a finished temporary file to `path`, or with overwrite=False to the first free NAME-k.SUFFIX."""
+    if overwrite:
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        return path
+    k = 0
+    while True:
+        target = path if k == 0 else path.with_name(f"{path.stem}-{k}{path.suffix}")
+        try:
+            os.link(tmp, target)  # fails if target exists: no run ever replaces another's file
+        except FileExistsError:
+            k += 1
+            continue
+        except OSError:  # no hard links on this filesystem: reserve the name exclusively, then replace it
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)))
+            except FileExistsError:
+                k += 1
+                continue
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        return target
+
+
+def write_file(path: Path, write, overwrite: bool = False) -> Path:
+    """Write through `write(tmp_path)` and place the result; the temporary file never outlives a failure, and a
+    write error (a full disk, a folder removed meanwhile) is one line naming the file."""
+    tmp = None
+    try:
+        tmp = _temp(path.parent, path.name)
+        write(tmp)
+        return place(tmp, path, overwrite)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}); free some space or choose another folder "
+                          "(files written before it are kept)") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
-def save_png(image: torch.Tensor, path: Path, params: dict) -> Path:
+def save_png(image: torch.Tensor, path: Path, params: dict, overwrite: bool = False) -> Path:
     """(H, W, 3) uint8 -> PNG with every parameter as a tEXt chunk (prompt, seed, steps, guidance, ...)."""
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
     for k, v in params.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     img = Image.fromarray(image.numpy())
-    _atomic(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
-    return path
+    return write_file(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info), overwrite)
+
+
+def check_writable(folder: str, flag: str) -> Path:
+    """Create `folder` if needed and prove it writable with an exclusive temporary file (no fixed probe name);
+    temporary files that killed runs left behind over an hour ago are removed."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.unlink(_temp(out, "write-check"))
+    except OSError as e:
+        raise RequestError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+    now = time.time()
+    for p in out.glob(".*.tmp"):
+        try:
+            if now - p.lstat().st_mtime > 3600:
+                p.unlink()
+        except OSError:
+            pass
+    return out
+
+
+def check_dump(folder: str, overwrite: bool) -> Path:
+    out = check_writable(folder, "--dump")
+    if (out / "dump.json").exists() and not overwrite:
+        raise RequestError(f"--dump {folder} already holds a dump; choose another folder or pass --overwrite")
+    return out
 
 
 def _write_npy(path: str, arr: np.ndarray) -> None:
@@ -39,10 +108,11 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
 
 
 def save_dump(folder: Path, intermediates: dict[str, torch.Tensor], meta: dict) -> None:
+    """Each intermediate as NAME.npy (float32) and dump.json (check_dump refused a folder holding another dump)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, t in intermediates.items():
         arr = t.detach().cpu().numpy()
         if arr.dtype.kind == "f":
             arr = arr.astype(np.float32)
-        _atomic(folder / f"{name}.npy", lambda tmp, a=arr: _write_npy(tmp, a))
-    _atomic(folder / "dump.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        write_file(folder / f"{name}.npy", lambda tmp, a=arr: _write_npy(tmp, a), overwrite=True)
+    write_file(folder / "dump.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)), overwrite=True)

@@ -1,30 +1,37 @@
-"""The unCLIP chain: tokenize -> text_encoder -> prior (+CFG) -> un-normalise -> text_proj -> decoder (+CFG)
--> bicubic x4 -> sr256 -> (bicubic x4 -> sr1024) -> uint8 images. Backend-agnostic: every network call goes
-through `backend.run(network, inputs)`; samplers and guidance never know which backend runs."""
+"""The unCLIP chain, one function per stage, each returning what it made:
+
+    encode_text -> sample_prior -> un-normalise -> conditioning (text_proj) -> decode -> upsample (sr256, sr1024)
+
+Backend-agnostic: every network call is `backend.run(network, feed)` with fp32 (and int64) tensors, and a
+backend's outputs are valid until its next call of the same network (TensorRT, static CUDA-graph buffers), so
+what this module keeps across calls it copies (`kept`). Guided stages run one call at batch 2N, rows
+[unconditional; conditional]; which stages are guided is decided by unclip.core.stages.guided.
+"""
 from __future__ import annotations
 
-import logging
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
+from unclip.core.errors import NonFiniteError, RequestError
+from unclip.core.spec import ModelSpec
+from unclip.core.stages import IMAGE_STAGES, NETWORK_STAGE, STAGES, can_guide, guided
 from unclip.engine import samplers
-from unclip.engine.schedules import StepTable, table_for
-from unclip.engine.spec import ModelSpec
+from unclip.engine.schedules import table_for
 
-log = logging.getLogger(__name__)
-
-SIZES = (64, 256, 1024)  # the nominal output size of each image stage (decoder, sr256, sr1024)
+Progress = Callable[[str, int, int], None]
+MAX_SEED = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
 class Settings:
+    """The numbers of a generation. Checked here, once; each error names its command-line flag."""
     seed: int = 0
     num_images: int = 1
-    size: int = 256
+    size: int | None = None  # image side in pixels, one of the model's stage sizes (None: its largest)
     prior_steps: int = 25
     prior_guidance: float = 4.0
     decoder_steps: int = 25
@@ -36,26 +43,62 @@ class Settings:
     negative: str = ""  # the prompt of the unconditional half (prior and decoder)
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"size {self.size} is not one of {', '.join(map(str, SIZES))}")
-        for name in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.num_images < 1:
-            raise ValueError(f"num-images must be at least 1, got {self.num_images}")
-        if self.sampler not in samplers.SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}")
+        for name in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps", "num_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)}")
+        for name in ("prior_guidance", "decoder_guidance", "eta"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.sampler not in samplers.CHOICES:
+            raise RequestError(f"--sampler {self.sampler!r} is not one of {', '.join(samplers.CHOICES)}")
         if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+            raise RequestError(f"--eta must be >= 0, got {self.eta}")
+        if not 0 <= self.seed <= MAX_SEED - self.num_images + 1:
+            raise RequestError(f"--seed must be in 0 ... 2^63 - 1 - (images - 1) = {MAX_SEED - self.num_images + 1} "
+                               f"(image i uses seed + i), got {self.seed}")
+
+
+def image_sizes(spec: ModelSpec) -> dict[int, str]:
+    """The image side in pixels that each image stage of the model makes -> the stage (Karlo: 64, 256)."""
+    sizes = {spec.decoder_size: "decoder", spec.sr256_size: "sr256"}
+    if spec.sr1024_size is not None:
+        sizes[spec.sr1024_size] = "sr1024"
+    return sizes
+
+
+def final_stage(spec: ModelSpec, size: int | None) -> str:
+    """The stage that makes images of `size` pixels (None: the model's largest); a RequestError lists the sizes."""
+    sizes = image_sizes(spec)
+    if size is None:
+        return sizes[max(sizes)]
+    if size not in sizes:
+        raise RequestError(f"--size {size} is not an image size of model {spec.name!r} (its sizes: "
+                           f"{', '.join(map(str, sorted(sizes)))})")
+    return sizes[size]
 
 
 class Noise:
     """Seeded standard-normal draws, independent of the backend: one CPU generator per image (seed + i), drawn in
     diffusers' order, moved to the device. Image i is the same whether it is generated alone or in a batch."""
 
-    def __init__(self, seed: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32, first: int = 0):
+    def __init__(self, seed: int, n: int, device: torch.device, first: int = 0):
         self.gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
-        self.device, self.dtype = device, dtype
+        self.device = device
+
+    @classmethod
+    def from_seeds(cls, seeds: list[int], device: torch.device) -> "Noise":
+        """One generator per image with its own seed (images of different requests batched together)."""
+        noise = cls(0, 0, device)
+        noise.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return noise
+
+    @classmethod
+    def from_states(cls, states: list[torch.Tensor], device: torch.device) -> "Noise":
+        """Generators that continue where others stopped (get_state): a pipeline split across processes."""
+        noise = cls(0, 0, device)
+        noise.gens = [torch.Generator() for _ in states]
+        noise.set_state(states)
+        return noise
 
     def draw(self, shape: tuple) -> torch.Tensor:
         """A (B, ...) draw on the CPU; with B = k * images, image i draws its k rows from its own generator."""
@@ -64,11 +107,13 @@ class Noise:
         return torch.cat([torch.randn((k,) + rest, generator=g) for g in self.gens])
 
     def __call__(self, shape: tuple) -> torch.Tensor:
-        return self.draw(shape).to(self.device, self.dtype)
+        return self.draw(shape).to(self.device)
 
     def upfront(self, shape: tuple, n: int) -> torch.Tensor:
         """n consecutive draws, stacked (n, *shape) and moved to the device in one copy."""
-        return torch.stack([self.draw(shape) for _ in range(n)]).to(self.device, self.dtype)
+        if n == 0:
+            return torch.empty((0, *shape), device=self.device)
+        return torch.stack([self.draw(shape) for _ in range(n)]).to(self.device)
 
     def get_state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.gens]
@@ -78,9 +123,14 @@ class Noise:
             g.set_state(st)
 
 
+def kept(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a backend output that must outlive the next call of its network."""
+    return t.clone()
+
+
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bicubic resize (Pillow-style kernel, a = -0.5), as Karlo / diffusers condition the upsamplers."""
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -89,203 +139,201 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-@dataclass
-class Result:
-    images: torch.Tensor  # (N, H, W, 3) uint8
-    intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
-    timesteps: dict[str, list[int]] = field(default_factory=dict)
+def check_finite(x: torch.Tensor, stage: str, outputs_finite: torch.Tensor | bool = True) -> torch.Tensor:
+    """Refuse a stage whose result or network outputs hold NaN or inf (once per stage: one host sync)."""
+    if not bool(torch.isfinite(x).all() & torch.as_tensor(outputs_finite, device=x.device)):
+        raise NonFiniteError(f"the {stage} stage produced NaN or inf values (its network overflows in this "
+                             "precision, or the model's weights hold NaN/inf); try --precision fp32, or check the "
+                             "model folder")
+    return x
 
 
-def _guided(run: Callable, scale: float, eps_channels: int | None = None):
-    """Classifier-free guidance as a wrapper of the model function: one call at batch 2N ([uncond; cond]),
-    out = u + s (c - u) on the first `eps_channels` channels; the rest (learned variance) from the cond half."""
-    if scale == 1.0:
-        return run
+def guide(run: Callable, scale: float, channels: int | None = None) -> Callable:
+    """Classifier-free guidance around a model function run(x, t, i): one call at batch 2N ([uncond; cond]),
+    out = u + s (c - u) on the first `channels` channels; the rest (a learned variance) from the conditional half.
+    Callers wrap a stage's network with it when unclip.core.stages.guided says the stage is guided."""
 
     def model(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         out = run(torch.cat([x, x]), torch.cat([t, t]), i)
         u, c = out.chunk(2)
-        C = eps_channels or out.shape[1]
-        guided = u[:, :C] + scale * (c[:, :C] - u[:, :C])
-        return torch.cat([guided, c[:, C:]], dim=1) if C < out.shape[1] else guided
+        C = channels or out.shape[1]
+        guided_ = u[:, :C] + scale * (c[:, :C] - u[:, :C])
+        return torch.cat([guided_, c[:, C:]], dim=1) if C < out.shape[1] else guided_
 
     return model
 
 
-def _sample(settings: Settings, sched: dict, table: StepTable, model, x, noise, progress, stage):
-    """Run the chosen sampler for one stage; `model(x, t_batch, i)` is wrapped into the samplers' (x, i) form."""
-    t_all = torch.as_tensor(table.timesteps.astype("float32"), device=x.device)  # hoisted: no per-step host work
+def sample_stage(spec: ModelSpec, settings: Settings, stage: str, model: Callable, x: torch.Tensor, noise: Noise,
+                 progress: Progress | None = None) -> torch.Tensor:
+    """Run the chosen sampler over one diffusion stage; model(x, t_batch, i) -> network output (guided)."""
+    s = spec.schedulers[stage]
+    table = table_for(SimpleNamespace(**s), getattr(settings, STAGES[stage].steps))
+    t_all = torch.as_tensor(table.timesteps.astype("float32"), device=x.device)  # no per-step host work
+    sampler = samplers.get(settings.sampler)
+    # The stage's step noise, drawn up front in the generators' order and copied to the device once.
+    pre = noise.upfront(tuple(x.shape), sampler.draws(table, settings.eta))
+    denoise = samplers.denoiser(lambda x, i: model(x, t_all[i].expand(x.shape[0]), i), table, s["prediction_type"],
+                                s["clip_sample_range"] if s["clip_sample"] else 1e9, s["variance_type"])
     n = len(table)
-
-    def fn(x, i):
-        return model(x, t_all[i].expand(x.shape[0]), i)
-
-    # Draw this stage's per-step noise up front (same generator order) and move it to the device in one copy,
-    # so the step loop does no host work or host-to-device transfer.
-    draws = samplers.noise_draws(table, settings.sampler, settings.eta)
-    if draws:
-        pre = iter(noise.upfront(tuple(x.shape), draws).unbind(0))
-        noise = lambda shape: next(pre)  # noqa: E731
     cb = (lambda i, *_: progress(stage, i + 1, n)) if progress else None
-    kw = dict(prediction=sched["prediction_type"], clip=sched["clip_sample_range"] if sched["clip_sample"] else 1e9,
-              callback=cb)
-    if settings.sampler == "ddim":
-        return samplers.ddim(fn, x, table, noise, eta=settings.eta, **kw)
-    return samplers.unclip(fn, x, table, noise, variance=sched["variance_type"], **kw)
+    x = sampler.sample(denoise, x, table, pre, eta=settings.eta, callback=cb)
+    return check_finite(x, stage, denoise.finite)
 
 
 @dataclass
 class Text:
     """Text conditioning of a batch: [uncond; cond] rows when guided (2N), cond rows only otherwise."""
-    ids: torch.Tensor  # (R, 77) int64
-    mask: torch.Tensor  # (R, 77) int64
+    ids: torch.Tensor  # (R, T) int64
+    mask: torch.Tensor  # (R, T) float 0/1
     e: torch.Tensor  # text_embeds (R, D)
-    H: torch.Tensor  # text_hidden (R, 77, W)
-    m: torch.Tensor  # mask as the backend's float dtype (R, 77)
+    H: torch.Tensor  # text_hidden (R, T, W)
     guided: bool
 
     def cond(self) -> "Text":
         n = self.e.shape[0] // 2 if self.guided else self.e.shape[0]
-        return Text(self.ids[-n:], self.mask[-n:], self.e[-n:], self.H[-n:], self.m[-n:], False)
+        return Text(self.ids[-n:], self.mask[-n:], self.e[-n:], self.H[-n:], False)
+
+    def feed(self) -> dict[str, torch.Tensor]:
+        return {"text_embeds": self.e, "text_hidden": self.H, "text_mask": self.mask}
 
 
-def guided_any(settings: Settings) -> bool:
-    return settings.prior_guidance != 1.0 or settings.decoder_guidance != 1.0
-
-
-def encode_text(backend, spec: ModelSpec, prompts: list[str], settings: Settings, negative: list[str] | None = None
-                ) -> Text:
+def encode_text(backend, spec: ModelSpec, prompts: list[str], settings: Settings,
+                negatives: list[str] | None = None) -> Text:
     tok = spec.tokenizer
-    ids, mask = tok(prompts)  # (N, 77)
-    guide = guided_any(settings)
-    if guide:
-        ids_u, mask_u = tok(negative if negative is not None else [settings.negative] * len(prompts))
-        ids, mask = torch.cat([ids_u, ids]), torch.cat([mask_u, mask])  # [uncond; cond] (2N, 77)
+    ids, mask = tok(prompts)  # (N, T)
+    guide_ = guided("text_encoder", settings)
+    if guide_:
+        ids_u, mask_u = tok(negatives if negatives is not None else [settings.negative] * len(prompts))
+        ids, mask = torch.cat([ids_u, ids]), torch.cat([mask_u, mask])  # [uncond; cond] (2N, T)
     out = backend.run("text_encoder", {"input_ids": ids.to(backend.device)})
-    return Text(ids, mask, out["text_embeds"], out["text_hidden"], mask.to(backend.device, backend.dtype), guide)
+    check_finite(out["text_embeds"], "text_encoder", torch.isfinite(out["text_hidden"]).all())
+    return Text(ids, mask.to(backend.device, torch.float32), kept(out["text_embeds"]), kept(out["text_hidden"]),
+                guide_)
+
+
+@dataclass
+class PriorSample:
+    z: torch.Tensor  # (N, D) CLIP image embeddings
+    noise: torch.Tensor  # (N*k, D) the initial noise
+    candidates: torch.Tensor | None = None  # (N, k, D) with best-of-k
+    scores: torch.Tensor | None = None  # (N, k) their dot products with the text embedding
 
 
 def sample_prior(backend, spec: ModelSpec, settings: Settings, text: Text, noise: Noise, progress=None,
-                 candidates: int = 1, dump: dict | None = None) -> torch.Tensor:
-    """Diffusion prior (+CFG) -> un-normalised CLIP image embeddings z (N, D). With candidates k > 1 it samples k
-    embeddings per image in one batch and keeps the one with the largest dot product with the text embedding
-    (the paper's best-of-2)."""
-    dtype, k = backend.dtype, candidates
-    use = text if settings.prior_guidance != 1.0 else text.cond()
-    e, H, m = (v.repeat_interleave(k, dim=0) for v in (use.e, use.H, use.m))  # (R*k, ...)
+                 candidates: int = 1) -> PriorSample:
+    """Diffusion prior (+CFG) -> un-normalised CLIP image embeddings. With k candidates it samples k embeddings per
+    image in one batch and keeps the one with the largest dot product with the text embedding (paper: best of 2)."""
+    k = candidates
+    use = text if guided("prior", settings) else text.cond()
+    feed = {n: v.repeat_interleave(k, dim=0) for n, v in use.feed().items()}  # (R*k, ...)
     N = text.cond().e.shape[0]
-    s = spec.schedulers["prior"]
-    table = table_for(SimpleNamespace(**s), settings.prior_steps)
 
-    def prior_run(x, t, i):
-        return backend.run("prior", {"x_t": x.to(dtype), "t": t, "text_embeds": e, "text_hidden": H,
-                                     "text_mask": m})["x0"].float()
+    def run(x, t, i):
+        return backend.run("prior", {"x_t": x, "t": t, **feed})["x0"]
 
-    x = noise((N * k, spec.embed_dim))
-    if dump is not None:
-        dump["prior_noise"] = x
-        dump.setdefault("_timesteps", {})["prior"] = table.timesteps.tolist()
-    x = _sample(settings, s, table, _guided(prior_run, settings.prior_guidance), x, noise, progress, "prior")
+    x_T = noise((N * k, spec.embed_dim))
+    model = guide(run, settings.prior_guidance) if guided("prior", settings) else run
+    x = sample_stage(spec, settings, "prior", model, x_T, noise, progress)
     dev = x.device
     z = x * torch.tensor(spec.clip_std, device=dev) + torch.tensor(spec.clip_mean, device=dev)  # (N*k, D)
-    if k > 1:
-        scores = (z.view(N, k, -1) * text.cond().e.float()[:, None]).sum(-1)  # (N, k) dot with the text embedding
-        best = scores.argmax(dim=1)  # (N,)
-        if dump is not None:
-            dump["prior_candidates"], dump["prior_scores"] = z.view(N, k, -1), scores
-        z = z.view(N, k, -1)[torch.arange(N, device=dev), best]
-    return z
+    if k == 1:
+        return PriorSample(z, x_T)
+    cand = z.view(N, k, -1)
+    scores = (cand * text.cond().e[:, None]).sum(-1)  # (N, k) dot product with the text embedding
+    return PriorSample(cand[torch.arange(N, device=dev), scores.argmax(dim=1)], x_T, cand, scores)
 
 
-def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress,
-           out: "Result", x_T: torch.Tensor | None = None) -> torch.Tensor:
-    """text_proj + decoder (+CFG) + upsamplers -> (N, H, W, 3) uint8 images."""
-    image = decode(backend, spec, settings, z, text, noise, progress, out, x_T)
-    if settings.size >= 256:
-        image = upsample_stage(backend, spec, settings, "sr256", image, noise, progress, out)
-    if settings.size >= 1024:
-        image = upsample_stage(backend, spec, settings, "sr1024", image, noise, progress, out)
-    return to_uint8(image)
+def decoder_model(backend, settings: Settings, z: torch.Tensor, text: Text) -> Callable:
+    """text_proj once (hoisted out of the step loop), then the guided decoder as a model function (x, t, i) -> out
+    with guidance on the image channels and the learned variance from the conditional half."""
+    N, dev = z.shape[0], backend.device
+    if guided("text_proj", settings):
+        cond = torch.cat([torch.zeros(N), torch.ones(N)]).to(dev)  # [null image embedding; z]
+        zz, t_in = torch.cat([z, z]), text
+    else:
+        cond, zz, t_in = torch.ones(N, device=dev), z, text.cond()
+    c = {k: kept(v) for k, v in backend.run("text_proj", {"image_embeds": zz, "cond": cond, **t_in.feed()}).items()}
+
+    def run(x, t, i):
+        return backend.run("decoder", {"x_t": x, "t": t, **c})["out"]
+
+    if not guided("decoder", settings):
+        return run
+    return guide(run, settings.decoder_guidance, channels=STAGES["decoder"].out_channels)
+
+
+def decode(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress=None,
+           x_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder: (x in [-1, 1] (N, 3, S, S), its initial noise). `x_T` (an inversion) replaces the noise."""
+    S = spec.decoder_size
+    drawn = noise((z.shape[0], 3, S, S))  # drawn even when replaced, so later draws don't depend on x_T
+    start = drawn if x_T is None else x_T.to(drawn)
+    x = sample_stage(spec, settings, "decoder", decoder_model(backend, settings, z, text), start, noise, progress)
+    return x.clamp(-1, 1), start
+
+
+def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low: torch.Tensor, noise: Noise,
+                   progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sr256 (first-steps network, then the last-step network for the final step) or sr1024; no guidance."""
+    size = spec.sr256_size if stage == "sr256" else spec.sr1024_size
+    steps = getattr(settings, STAGES[stage].steps)
+    low_res = upsample(low.clamp(-1, 1), size)  # hoisted out of the step loop
+    first, last = STAGES[stage].networks[0], STAGES[stage].networks[-1]
+
+    def run(x, t, i):
+        return backend.run(last if i == steps - 1 else first, {"x_t": x, "t": t, "low_res": low_res})["eps"]
+
+    x_T = noise((low.shape[0], 3, size, size))
+    return sample_stage(spec, settings, stage, run, x_T, noise, progress), x_T
+
+
+def images_per_call(backend) -> int:
+    """How many images one call of every network takes (guided stages run [uncond; cond]: twice the rows)."""
+    return min(backend.max_batch(n) // (2 if can_guide(NETWORK_STAGE[n]) else 1) for n in backend.spec.networks
+               if n != "image_encoder")
+
+
+def timesteps(spec: ModelSpec, settings: Settings) -> dict[str, list[int]]:
+    """Each diffusion stage's timesteps for these settings, up to settings.size."""
+    last = IMAGE_STAGES.index(final_stage(spec, settings.size))
+    return {st: table_for(SimpleNamespace(**spec.schedulers[st]), getattr(settings, STAGES[st].steps)).timesteps.tolist()
+            for st in ("prior", *IMAGE_STAGES[:last + 1])}
+
+
+@dataclass
+class Result:
+    images: torch.Tensor  # (N, H, W, 3) uint8
+    intermediates: dict[str, torch.Tensor] = field(default_factory=dict)  # with keep=True
+
+
+def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress=None,
+           x_T: torch.Tensor | None = None) -> Result:
+    """Image embeddings -> decoder -> upsamplers up to settings.size -> (N, H, W, 3) uint8, with each stage's
+    initial noise and image as intermediates."""
+    last = IMAGE_STAGES.index(final_stage(spec, settings.size))
+    image, start = decode(backend, spec, settings, z, text, noise, progress, x_T)
+    inter = {"image_embeds": z, "decoder_noise": start, "image_decoder": image}
+    for stage in IMAGE_STAGES[1:last + 1]:
+        image, start = upsample_stage(backend, spec, settings, stage, image, noise, progress)
+        inter.update({f"{stage}_noise": start, f"image_{stage}": image})
+    return Result(to_uint8(image), inter)
 
 
 def generate(backend, spec: ModelSpec, prompt: str | list[str], settings: Settings = Settings(),
-             progress: Callable[[str, int, int], None] | None = None, noise: Noise | None = None,
-             first_image: int = 0, keep: bool = False, candidates: int = 1) -> Result:
-    """Generate settings.num_images images for one prompt (or one image per prompt of a list).
-
-    `first_image` offsets the per-image noise seeds (used to split large requests into chunks)."""
-    if settings.size == 1024 and spec.sr1024_size is None:
-        raise ValueError(f"model {spec.name!r} has no 256->1024 stage (no sr1024/ folder); use --size 256 or 64")
+             progress: Progress | None = None, first_image: int = 0, keep: bool = False,
+             candidates: int = 1) -> Result:
+    """settings.num_images images of one prompt, or one image per prompt of a list; image i draws its noise from
+    seed + first_image + i, so a request split into chunks gives the same images as one batch."""
+    final_stage(spec, settings.size)  # refuse a size the model doesn't make before any work
     prompts = [prompt] * settings.num_images if isinstance(prompt, str) else list(prompt)
-    noise = noise or Noise(settings.seed, len(prompts), backend.device, torch.float32, first=first_image)
-    out = Result(images=torch.empty(0))
+    noise = Noise(settings.seed, len(prompts), backend.device, first=first_image)
     text = encode_text(backend, spec, prompts, settings)
-    out.intermediates.update(tokens=text.ids, text_embeds=text.e, text_hidden=text.H, text_mask=text.mask)
-    z = sample_prior(backend, spec, settings, text, noise, progress, candidates, out.intermediates)
-    out.timesteps["prior"] = out.intermediates.pop("_timesteps")["prior"]
-    out.intermediates["image_embeds"] = z
-    out.images = finish(backend, spec, settings, z, text, noise, progress, out)
+    prior = sample_prior(backend, spec, settings, text, noise, progress, candidates)
+    res = finish(backend, spec, settings, prior.z, text, noise, progress)
     if not keep:
-        out.intermediates = {}
-    return out
-
-
-def decoder_model(backend, settings: Settings, z: torch.Tensor, text: Text):
-    """text_proj once (hoisted out of the step loop), then the guided decoder as a model function (x, t, i) -> out
-    with guidance on the eps channels and the learned variance from the conditional half."""
-    N, dev, dtype = z.shape[0], backend.device, backend.dtype
-    if text.guided and settings.decoder_guidance != 1.0:
-        cond = torch.cat([torch.zeros(N), torch.ones(N)]).to(dev, dtype)  # [null image embedding; z]
-        zz, t_in = torch.cat([z, z]), text
-    else:
-        cond, zz, t_in = torch.ones(N, device=dev, dtype=dtype), z, text.cond()
-    c = backend.run("text_proj", {"image_embeds": zz.to(dtype), "cond": cond, "text_embeds": t_in.e,
-                                  "text_hidden": t_in.H, "text_mask": t_in.m})
-
-    def run(x, t, i):
-        return backend.run("decoder", {"x_t": x.to(dtype), "t": t, "class_emb": c["class_emb"],
-                                       "context": c["context"], "context_mask": c["context_mask"]})["out"].float()
-
-    return _guided(run, settings.decoder_guidance, eps_channels=3)
-
-
-def decode(backend, spec: ModelSpec, settings: Settings, z, text: Text, noise, progress, out: Result,
-           x_T: torch.Tensor | None = None):
-    """The 64 px decoder; returns x64 in [-1, 1] (N, 3, S, S). `x_T` (an inversion) replaces the initial noise."""
-    N = z.shape[0]
-    s = spec.schedulers["decoder"]
-    table = table_for(SimpleNamespace(**s), settings.decoder_steps)
-    S = spec.decoder_size
-    x = noise((N, 3, S, S))  # drawn even when replaced, so later draws don't depend on x_T
-    if x_T is not None:
-        x = x_T.to(x)
-    out.intermediates["decoder_noise"] = x
-    x = _sample(settings, s, table, decoder_model(backend, settings, z, text), x, noise, progress, "decoder")
-    x = x.clamp(-1, 1)
-    out.intermediates["image_64"] = x
-    out.timesteps["decoder"] = table.timesteps.tolist()
-    return x
-
-
-def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low: torch.Tensor, noise, progress,
-                   out: Result) -> torch.Tensor:
-    """sr256 (first-steps network, then the last-step network for the final step) or sr1024; no guidance."""
-    N, dtype = low.shape[0], backend.dtype
-    size = spec.sr256_size if stage == "sr256" else spec.sr1024_size
-    steps = settings.sr256_steps if stage == "sr256" else settings.sr1024_steps
-    s = spec.schedulers[stage]
-    table = table_for(SimpleNamespace(**s), steps)
-    low_res = upsample(low.clamp(-1, 1), size).to(dtype)  # hoisted out of the step loop
-    first, last = ("sr256_first", "sr256_last") if stage == "sr256" else ("sr1024", "sr1024")
-
-    def sr_run(x, t, i):
-        net = last if i == len(table) - 1 else first
-        return backend.run(net, {"x_t": x.to(dtype), "t": t, "low_res": low_res})["eps"].float()
-
-    x = noise((N, 3, size, size))
-    out.intermediates[f"{stage}_noise"] = x
-    x = _sample(settings, s, table, sr_run, x, noise, progress, stage)
-    out.intermediates[f"image_{256 if stage == 'sr256' else 1024}"] = x
-    out.timesteps[stage] = table.timesteps.tolist()
-    return x
-
+        return Result(res.images)
+    res.intermediates.update(tokens=text.ids, text_embeds=text.e, text_hidden=text.H, text_mask=text.mask,
+                             prior_noise=prior.noise)
+    if prior.candidates is not None:
+        res.intermediates.update(prior_candidates=prior.candidates, prior_scores=prior.scores)
+    return res

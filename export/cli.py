@@ -1,16 +1,15 @@
 """`unclip-export`: every stage to verified ONNX (and TensorRT engines with --trt)."""
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
-
-from unclip.export.contract import STAGES
+from unclip.core.console import warnings_to_stderr
+from unclip.core.errors import UnclipError
+from unclip.core.stages import STAGES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--model", default="small", help="model folder (diffusers layout, e.g. Karlo) or preset: tiny, small")
+@click.option("--model", default="demo",
+              help="model folder (diffusers layout, e.g. Karlo), or built in: demo (trained shapes world), tiny, small")
 @click.option("--out", required=True, help="export folder")
 @click.option("--stage", "stages", multiple=True, default=["all"], type=click.Choice(["all", *STAGES]))
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32")
@@ -19,20 +18,16 @@ from unclip.export.contract import STAGES
 @click.option("--force", is_flag=True, help="rebuild even when the inputs are unchanged")
 def main(model, out, stages, precision, max_batch, trt, force):
     """Export MODEL's stages to ONNX in OUT, check each against torch, and write OUT/manifest.json."""
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-    from unclip.engine.api import UserError, load_torch_model
-    from unclip.export.artifacts import ExportError
+    warnings_to_stderr()
     from unclip.export.onnx_export import export_model
+    from unclip.models import resolve_model
     if max_batch < 1:
         raise click.ClickException(f"--max-batch must be at least 1, got {max_batch}")
-    if trt:
-        from unclip.export.trt import require_tensorrt
-        try:
-            require_tensorrt()
-        except ExportError as e:
-            raise click.ClickException(str(e)) from None
     try:
-        m = load_torch_model(model)
+        if trt:
+            from unclip.export.trt import require_tensorrt
+            require_tensorrt()
+        m = resolve_model(model)
 
         def progress(r):
             what = "unchanged, skipped" if r.skipped else f"{r.seconds:.1f} s, max err {r.max_abs:.2e}"
@@ -42,7 +37,7 @@ def main(model, out, stages, precision, max_batch, trt, force):
         if trt:
             from unclip.export.trt import build_engines
             build_engines(out, force=force, progress=lambda msg: click.echo(msg, err=True))
-    except (UserError, ExportError) as e:
+    except UnclipError as e:
         raise click.ClickException(str(e)) from None
     click.echo("\n| stage | file size | export time | max error |\n|---|---|---|---|")
     for r in reports:

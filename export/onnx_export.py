@@ -15,11 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-
-from unclip.engine.spec import ModelSpec, spec_from_model
-from unclip.export.artifacts import (FORMAT, ExportError, export_lock, file_record, read_manifest, sha256_json,
-                                     verify_files, write_manifest)
-from unclip.export.contract import STAGES, Contract, contracts
+from unclip.core.artifacts import (
+    FORMAT,
+    ExportError,
+    export_lock,
+    file_record,
+    read_manifest,
+    sha256_json,
+    verify_files,
+    write_manifest,
+)
+from unclip.core.contract import Contract, contracts
+from unclip.core.identity import source_path
+from unclip.core.spec import ModelSpec, spec_from_model
+from unclip.core.stages import NETWORK_STAGE as NETWORKS
+from unclip.core.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +106,49 @@ def versions() -> dict:
     return out
 
 
+LONG_REDUCTION = 1 << 16  # elements per GroupNorm group above which the export splits the reduction
+
+
+def _split_group_norm(m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm as the export writes it for large groups: mean and (centred) variance each reduced in two stages,
+    over the width, then over the rest. onnxruntime's InstanceNormalization (what torch exports GroupNorm as) sums
+    a group in one pass of fp32 additions: over the 2 x 512 x 512 elements of the demo's sr1024 groups that is
+    1.4e-4 of the output scale away from float64 (torch: 2.6e-6); two stages of ~512 and ~1024 terms bring it
+    under the gate's 1e-4. Small groups keep torch's export."""
+    N, C, H, W = x.shape
+    if (C // m.num_groups) * H * W <= LONG_REDUCTION:
+        return nn.functional.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+    g = x.reshape(N, m.num_groups, (C // m.num_groups) * H, W)
+    mean = g.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+    d = g - mean
+    var = (d * d).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+    y = (d * torch.rsqrt(var + m.eps)).reshape(N, C, H, W)
+    return y * m.weight.view(1, C, 1, 1) + m.bias.view(1, C, 1, 1) if m.affine else y
+
+
+class _SplitGroupNorms:
+    """While exporting: every 4-D GroupNorm of `net` runs `_split_group_norm` (restored on exit; the caller's
+    modules are not changed)."""
+
+    def __init__(self, net: nn.Module):
+        self.mods = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+
+    def __enter__(self):
+        for m in self.mods:
+            m.forward = (lambda x, m=m: _split_group_norm(m, x) if x.dim() == 4 else nn.GroupNorm.forward(m, x))
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            del m.forward
+
+
 def _export_onnx(wrapper: nn.Module, c: Contract, spec: ModelSpec, path: Path) -> list[str]:
     """torch -> ONNX into `path`'s directory; returns the files written (graph + external data when > 2 GB)."""
     import onnx
     inp = c.sample_inputs(2, spec)
     names_in = [t.name for t in c.inputs]
     names_out = [t.name for t in c.outputs]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _SplitGroupNorms(wrapper):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, tuple(inp[n] for n in names_in), str(path), input_names=names_in,
                           output_names=names_out, opset_version=OPSET, dynamo=False,
@@ -125,6 +171,11 @@ def _fold_constants(model, name: str):
         import onnx_graphsurgeon as gs
     except ImportError:
         return model
+    try:  # graphsurgeon folds with onnxruntime sessions of its own: keep their optimiser notes off the console
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:
+        pass
     try:
         graph = gs.import_onnx(model)
         graph.fold_constants().cleanup().toposort()
@@ -146,7 +197,7 @@ def gate(net: nn.Module, c: Contract, spec: ModelSpec, path: Path, batches=GATE_
     """Max abs error relative to the output scale, and relative L2 error, of the ONNX graph vs the fp32 module."""
     sess = ort_session(path)
     worst_abs, worst_l2 = 0.0, 0.0
-    for b in batches:
+    for b in batches:  # NaN anywhere makes the error NaN (max() would skip it)
         inp = c.sample_inputs(b, spec, seed=100 + b)
         outs = sess.run(None, {k: v.numpy() for k, v in inp.items()})
         with torch.no_grad():
@@ -155,32 +206,57 @@ def gate(net: nn.Module, c: Contract, spec: ModelSpec, path: Path, batches=GATE_
         for o, r in zip(outs, ref):
             r = r.float().numpy()
             scale = max(float(np.abs(r).max()), 1e-6)
-            worst_abs = max(worst_abs, float(np.abs(o - r).max()) / scale)
-            worst_l2 = max(worst_l2, float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-12)))
+            err = float(np.abs(o - r).max()) / scale
+            l2 = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-12))
+            if not np.isfinite(r).all() or not np.isfinite(o).all():
+                err = l2 = float("nan")
+            worst_abs = err if err != err else max(worst_abs, err)
+            worst_l2 = l2 if l2 != l2 else max(worst_l2, l2)
     return worst_abs, worst_l2
 
 
 def export_model(model, out_dir: str | os.PathLike, stages: list[str] | None = None, precision: str = "fp32",
                  max_batch: int = 4, force: bool = False, source: str = "", progress=None) -> list[NetworkReport]:
-    """Export the chosen stages of an UnCLIPModel (torch, fp32) into out_dir; returns one report per network."""
+    """Export the chosen stages of an UnCLIPModel into out_dir; returns one report per network. The caller's
+    model is not changed. `source` (a model name or folder) is recorded with its fingerprint, which runs check.
+
+    The manifest is updated after each network (a stopped export keeps what it finished, and a run finishes the
+    rest); a network's entry is removed before its files are replaced, so no entry ever describes other files."""
     if precision not in TOLERANCE:
         raise ExportError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
     out = Path(out_dir)
-    model = model.to("cpu", torch.float32).eval()
+    nets = {k: _cpu_fp32(v) for k, v in model.networks().items()}
     spec = spec_from_model(model)
     cs = contracts(spec, max_batch)
-    nets = model.networks()
     wanted = _networks_for(stages, cs)
     fix = f"unclip-export --model {source or spec.name} --out {out}"
+    try:
+        return _export(nets, spec, cs, wanted, out, _Options(precision, max_batch, force, source, fix), progress)
+    except OSError as e:  # a read-only folder, a full disk: nothing half-written is trusted (see above)
+        raise ExportError(f"{out}: cannot write the export ({e.strerror or e}); free some space or choose a writable "
+                          "--out, then run the export again") from None
+
+
+@dataclass(frozen=True)
+class _Options:
+    precision: str
+    max_batch: int
+    force: bool
+    source: str
+    fix: str
+
+
+def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _Options, progress
+            ) -> list[NetworkReport]:
+    precision, max_batch, force, source, fix = o.precision, o.max_batch, o.force, o.source, o.fix
     reports = []
     with export_lock(out):
-        try:
-            manifest = read_manifest(out, fix)
-        except ExportError:
-            manifest = {"format": FORMAT, "networks": {}}
+        _remove_stale_temporaries(out)
+        manifest = _start_manifest(out, source, spec, force, fix)
         options = {"precision": precision, "opset": OPSET, "max_batch": max_batch}
         ver = versions()
-        manifest.update(format=FORMAT, spec=spec.to_json(), source=source, options=options, versions=ver)
+        manifest.update(format=FORMAT, spec=spec.to_json(), source=source, options=options, versions=ver,
+                        fingerprint=_fingerprint(source), source_path=source_path(source) if source else None)
         for name in wanted:
             c = cs[name]
             key = sha256_json({"weights": weights_hash(nets[name]), "contract": repr(c), "options": options,
@@ -189,35 +265,81 @@ def export_model(model, out_dir: str | os.PathLike, stages: list[str] | None = N
             if not force and entry and entry.get("key") == key and _intact(out, entry, name):
                 reports.append(NetworkReport(name, True, sum(r["size"] for r in entry["files"].values()), 0.0,
                                              entry["max_abs"], entry["rel_l2"]))
-                if progress:
-                    progress(reports[-1])
-                continue
-            t0 = time.perf_counter()
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-            try:
-                files = _export_onnx(_prepare(nets[name], precision), c, spec, tmp / f"{name}.onnx")
-                max_abs, rel_l2 = gate(nets[name], c, spec, tmp / f"{name}.onnx")
-                if max_abs > TOLERANCE[precision]:
-                    raise ExportError(f"{name}: the {precision} ONNX graph differs from the torch module by "
-                                      f"{max_abs:.3g} of the output scale (tolerance {TOLERANCE[precision]}); "
-                                      "nothing was written for this network")
-                manifest["networks"].pop(name, None)
-                write_manifest(out, manifest)  # the old files are about to be replaced: forget them first
-                for f in files:
-                    os.replace(tmp / f, out / f)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            entry = {"files": {f: file_record(out / f) for f in files}, "key": key, "max_abs": max_abs,
-                     "rel_l2": rel_l2, "export_s": time.perf_counter() - t0,
-                     "inputs": [[t.name, list(t.shape), t.dtype] for t in c.inputs],
-                     "outputs": [[t.name, list(t.shape), t.dtype] for t in c.outputs], "profile": list(c.profile)}
-            manifest["networks"][name] = entry
-            write_manifest(out, manifest)
-            reports.append(NetworkReport(name, False, sum(r["size"] for r in entry["files"].values()),
-                                         entry["export_s"], max_abs, rel_l2))
+            else:
+                manifest["networks"][name] = _export_network(nets[name], c, spec, out, manifest, precision, key)
+                entry = manifest["networks"][name]
+                write_manifest(out, manifest)
+                reports.append(NetworkReport(name, False, sum(r["size"] for r in entry["files"].values()),
+                                             entry["export_s"], entry["max_abs"], entry["rel_l2"]))
             if progress:
                 progress(reports[-1])
     return reports
+
+
+def _export_network(net: nn.Module, c: Contract, spec: ModelSpec, out: Path, manifest: dict, precision: str,
+                    key: str) -> dict:
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{c.network}.", dir=out))
+    try:
+        files = _export_onnx(_prepare(net, precision), c, spec, tmp / f"{c.network}.onnx")
+        max_abs, rel_l2 = gate(net, c, spec, tmp / f"{c.network}.onnx")
+        if not max_abs <= TOLERANCE[precision]:  # NaN fails too
+            raise ExportError(f"{c.network}: the {precision} ONNX graph differs from the torch module by "
+                              f"{max_abs:.3g} of the output scale (tolerance {TOLERANCE[precision]}); nothing was "
+                              "written for this network" + (" (the torch module itself gives NaN or inf: check the "
+                                                            "model's weights)" if max_abs != max_abs else ""))
+        manifest["networks"].pop(c.network, None)
+        write_manifest(out, manifest)  # the old files are about to be replaced: forget them first
+        for f in files:
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"files": {f: file_record(out / f) for f in files}, "key": key, "max_abs": max_abs, "rel_l2": rel_l2,
+            "export_s": time.perf_counter() - t0, **c.to_manifest(), "profile": list(c.profile)}
+
+
+def _cpu_fp32(net: nn.Module) -> nn.Module:
+    """The network itself if it is on the CPU in fp32 (the export only reads it), else a converted copy."""
+    p = next(net.parameters(), None)
+    if p is None or (p.device.type == "cpu" and p.dtype == torch.float32):
+        return net.eval()
+    import copy
+    return copy.deepcopy(net).to("cpu", torch.float32).eval()
+
+
+def _fingerprint(source: str) -> str | None:
+    if not source:
+        return None
+    from unclip.core.identity import fingerprint
+    try:
+        return fingerprint(source)
+    except OSError:
+        return None
+
+
+def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: str) -> dict:
+    """The folder's manifest to update, or a new one. Engines of another model are replaced only with force."""
+    try:
+        manifest = read_manifest(out, fix)
+    except ExportError:
+        return {"format": FORMAT, "networks": {}}
+    same = manifest.get("spec") == spec.to_json() and manifest.get("source_path") == (source_path(source) if source
+                                                                                       else None)
+    if same and (not source or manifest.get("fingerprint") == _fingerprint(source)):
+        return manifest
+    if same:  # the same model folder, edited since: its networks are all exported again (their keys changed)
+        return {**manifest, "networks": {}}
+    if not force and manifest["networks"]:
+        raise ExportError(f"{out} holds engines of {manifest.get('source') or 'another model'!r}; choose another "
+                          f"--out, or replace them: {fix} --force")
+    return {"format": FORMAT, "networks": {}}
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders of exports that were killed (this one holds the lock: no other export is live)."""
+    for p in out.iterdir():
+        if p.is_dir() and p.name.startswith(".") and p.name.split(".")[1] in NETWORKS:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _intact(out: Path, entry: dict, name: str) -> bool:
@@ -235,7 +357,7 @@ def _networks_for(stages: list[str] | None, cs: dict[str, Contract]) -> list[str
     for s in stages:
         if s not in STAGES:
             raise ExportError(f"unknown stage {s!r} (choose from: all, {', '.join(STAGES)})")
-        for n in STAGES[s]:
+        for n in STAGES[s].networks:
             if n not in cs:
                 raise ExportError(f"this model has no {s} stage")
             out.append(n)

@@ -6,23 +6,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unclip.export.artifacts import (ExportError, atomic_write_bytes, file_record, read_manifest, sha256_json,
-                                     write_manifest, export_lock)
+from unclip.core.artifacts import (
+    ExportError,
+    atomic_write_bytes,
+    export_lock,
+    file_record,
+    read_manifest,
+    sha256_json,
+    write_manifest,
+)
+from unclip.core.packages import require_tensorrt  # noqa: F401  (the same check for export and runtime)
 
-BUILDER_FLAGS = ("FP16", "STRONGLY_TYPED_NORMS")  # fp16 kernels, normalisations pinned to fp32
 
-
-def require_tensorrt():
-    """Import tensorrt and check for a GPU, or raise one line saying what to install."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise ExportError("--trt needs TensorRT 10: pip install tensorrt (NVIDIA's wheels, on a machine with an "
-                          "NVIDIA GPU and driver)") from None
-    import torch
-    if not torch.cuda.is_available():
-        raise ExportError("--trt needs an NVIDIA GPU, and torch sees none here")
-    return trt
+def builder_flags(precision: str) -> tuple[str, ...]:
+    """TensorRT builder flags for an export's precision: fp16 kernels with normalisations and softmax pinned to
+    fp32 (OBEY_PRECISION_CONSTRAINTS), or plain fp32 (an fp32 export never silently becomes an fp16 engine)."""
+    if precision == "fp16":
+        return ("FP16", "OBEY_PRECISION_CONSTRAINTS")
+    assert precision == "fp32", precision
+    return ()
 
 
 def profile_shapes(entry: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -54,8 +56,10 @@ def onnx_sha(entry: dict) -> str:
     return sha256_json({k: v["sha256"] for k, v in sorted(entry["files"].items())})
 
 
-def build_engine(trt, onnx_path: Path, shapes: dict, timing_cache: Path) -> bytes:  # pragma: no cover - needs TRT
-    """ONNX -> serialized engine: fp16, one optimisation profile, norms kept in fp32 by precision constraints."""
+def build_engine(trt, onnx_path: Path, shapes: dict, timing_cache: Path,
+                 flags: tuple[str, ...]) -> bytes:  # pragma: no cover - needs TRT
+    """ONNX -> serialized engine with `flags` (builder_flags), one optimisation profile; with FP16, norms and
+    softmax are kept in fp32 by precision constraints."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -63,12 +67,13 @@ def build_engine(trt, onnx_path: Path, shapes: dict, timing_cache: Path) -> byte
     if not parser.parse_from_file(str(onnx_path)):
         raise ExportError(f"{onnx_path}: TensorRT can't parse it: {parser.get_error(0)}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.NORMALIZATION or layer.type == trt.LayerType.SOFTMAX:
-            layer.precision = trt.float32
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if "FP16" in flags:
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
+                layer.precision = trt.float32
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -90,16 +95,16 @@ def build_engines(out_dir, force: bool = False, progress=print) -> None:  # prag
         manifest = read_manifest(out, f"unclip-export --out {out}")
         gpu = torch.cuda.get_device_name()
         cc = torch.cuda.get_device_capability()
+        flags = builder_flags(manifest["options"]["precision"])
         for name, entry in manifest["networks"].items():
             shapes = profile_shapes(entry)
-            key = cache_key(onnx_sha(entry), {k: list(v) for k, v in shapes.items()}, BUILDER_FLAGS,
-                            trt.__version__, gpu, cc)
+            key = cache_key(onnx_sha(entry), {k: list(v) for k, v in shapes.items()}, flags, trt.__version__, gpu, cc)
             if not needs_rebuild(entry, key, out, force):
                 progress(f"{name}: TensorRT engine unchanged")
                 continue
             onnx_file = out / next(f for f in entry["files"] if f.endswith(".onnx"))
             plan = out / f"{name}.plan"
-            atomic_write_bytes(plan, build_engine(trt, onnx_file, shapes, out / "timing.cache"))
+            atomic_write_bytes(plan, build_engine(trt, onnx_file, shapes, out / "timing.cache", flags))
             entry["trt"] = {"key": key, "file": {"name": plan.name, **file_record(plan)}, "gpu": gpu, "cc": list(cc),
                             "version": trt.__version__}
             write_manifest(out, manifest)

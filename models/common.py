@@ -8,10 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class ModelLoadError(Exception):
-    """A model folder, config or weight file that this project cannot use; the message names path and fix."""
+from unclip.core.errors import ModelLoadError  # noqa: E402,F401  (raised by every loader here)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> torch.Tensor:
@@ -28,16 +25,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return emb  # (B, dim)
 
 
-class TimestepMLP(nn.Module):
-    """Lin2(SiLU(Lin1(x))): the time-embedding MLP (keys linear_1 / linear_2 as in diffusers)."""
+TIME_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as diffusers' get_activation("gelu")
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None):
+
+class TimestepMLP(nn.Module):
+    """Lin2(act(Lin1(x))), act SiLU or GELU: the time-embedding MLP (keys linear_1 / linear_2 as in diffusers)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, act: str = "silu"):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, hidden_dim)
         self.linear_2 = nn.Linear(hidden_dim, out_dim or hidden_dim)
+        self.act = TIME_ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 def broadcast_timestep(t: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
@@ -49,7 +50,7 @@ def broadcast_timestep(t: torch.Tensor | float | int, batch: int, device: torch.
 
 
 def config_from_dict(cls: type, raw: dict[str, Any], path: str, *, fixed: dict[str, tuple] = {},
-                     ignored: frozenset[str] = frozenset(), rename: dict[str, str] = {}, strict: bool = True) -> Any:
+                     ignored: frozenset[str] = frozenset(), strict: bool = True) -> Any:
     """Build the frozen dataclass `cls` from a diffusers/transformers config dict.
 
     Keys starting with "_" and `ignored` keys are metadata. `fixed` keys are architecture switches this
@@ -57,14 +58,17 @@ def config_from_dict(cls: type, raw: dict[str, Any], path: str, *, fixed: dict[s
     key is refused too (unless `strict` is False: transformers configs carry dozens of generic generation
     keys), so a checkpoint of a different architecture never loads silently.
     """
-    names = {f.name for f in dataclasses.fields(cls)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("_") or key in ignored:
             continue
-        field = rename.get(key, key)
-        if field in names:
-            kwargs[field] = tuple(value) if isinstance(value, list) else value
+        if key in types:
+            value = tuple(value) if isinstance(value, list) else value
+            if not _fits(value, types[key]):
+                raise ModelLoadError(f"{path}: config value {key}={value!r} should be {types[key]}; restore the file "
+                                     "from the model download")
+            kwargs[key] = value
         elif key in fixed:
             if value not in fixed[key]:
                 allowed = ", ".join(repr(v) for v in fixed[key])
@@ -80,6 +84,20 @@ def config_from_dict(cls: type, raw: dict[str, Any], path: str, *, fixed: dict[s
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: invalid config: {e}") from None
     return cfg
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a JSON value has the type a config field declares (int, float, bool, str, tuples, | None)."""
+    if value is None:
+        return "None" in annotation
+    kind = annotation.split("[")[0].split("|")[0].strip()
+    if kind == "tuple":
+        inner = annotation.split("[", 1)[1].split(",")[0].strip() if "[" in annotation else "Any"
+        return isinstance(value, tuple) and all(_fits(v, inner) for v in value)
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+    return checks.get(kind, lambda v: True)(value)
 
 
 def config_to_dict(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:

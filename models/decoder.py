@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from unclip.models.common import TimestepMLP, broadcast_timestep, timestep_embedding
-from unclip.models.unet import MASK_VALUE, build_unet_body, run_unet_body
+from unclip.models.unet import MASK_VALUE, UNetShape, build_unet_body, run_unet_body
 
 DOWN_TYPES = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}  # -> has attention
 UP_TYPES = {"ResnetUpsampleBlock2D": False, "SimpleCrossAttnUpBlock2D": True}
@@ -64,12 +63,13 @@ class Decoder(nn.Module):
         self.config = cfg
         c0 = cfg.block_out_channels[0]
         self.time_embedding = TimestepMLP(c0, 4 * c0)
-        build_unet_body(
-            self, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        build_unet_body(self, UNetShape(
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels,
             block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-            attn_down=[DOWN_TYPES[t] for t in cfg.down_block_types], attn_up=[UP_TYPES[t] for t in cfg.up_block_types],
-            mid_attention=True, head_dim=cfg.attention_head_dim, context_dim=cfg.cross_attention_dim,
-            groups=cfg.norm_num_groups, eps=cfg.norm_eps, scale_shift=cfg.resnet_time_scale_shift == "scale_shift")
+            attn_down=tuple(DOWN_TYPES[t] for t in cfg.down_block_types),
+            attn_up=tuple(UP_TYPES[t] for t in cfg.up_block_types), mid_attention=True,
+            head_dim=cfg.attention_head_dim, context_dim=cfg.cross_attention_dim, groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps, scale_shift=cfg.resnet_time_scale_shift == "scale_shift"))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_emb: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor) -> torch.Tensor:

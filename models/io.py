@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,18 +19,16 @@ from typing import Any
 
 import torch
 from torch import nn
-
+from unclip.core.artifacts import default_mode
+from unclip.core.tokenizer import CLIPTokenizer
+from unclip.models.clip import TRANSFORMERS_METADATA
 from unclip.models.common import ModelLoadError, config_from_dict, config_to_dict
 from unclip.models.decoder import Decoder, DecoderConfig
 from unclip.models.image_encoder import ImageEncoder, ImageEncoderConfig
-from unclip.models.clip import TRANSFORMERS_METADATA
 from unclip.models.prior import Prior, PriorConfig
 from unclip.models.superres import SuperRes, SuperResConfig
 from unclip.models.text_encoder import TextEncoder, TextEncoderConfig
 from unclip.models.text_proj import TextProj, TextProjConfig
-from unclip.models.tokenizer import CLIPTokenizer
-
-log = logging.getLogger(__name__)
 
 DIFFUSERS_VERSION = "0.30.0"  # written into saved configs; any diffusers >= 0.12 reads them
 README_HINT = "see README.md, 'Real Karlo weights'"
@@ -57,6 +54,12 @@ class SchedulerConfig:
         if self.variance_type not in ("fixed_small_log", "learned_range"):
             raise ValueError(f"variance_type={self.variance_type!r} is not supported "
                              "(supported: 'fixed_small_log', 'learned_range')")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be a whole number >= 2")
+        if not 0 < self.beta_start < 1 or not 0 < self.beta_end < 1:
+            raise ValueError(f"beta_start={self.beta_start!r} and beta_end={self.beta_end!r} must be in (0, 1)")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range={self.clip_sample_range!r} must be > 0")
 
 
 KARLO_SCHEDULERS = {
@@ -114,7 +117,6 @@ class Component:
     required: bool = True
     fixed: dict = dataclasses.field(default_factory=dict)
     ignored: frozenset = frozenset()
-    rename: dict = dataclasses.field(default_factory=dict)
     strict: bool = True
 
 
@@ -195,6 +197,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return torch.load(path, map_location="cpu", weights_only=True)
     except ModelLoadError:
         raise
+    except PermissionError:
+        raise ModelLoadError(f"{path}: permission denied; ask the folder's owner for read access") from None
     except Exception as e:  # safetensors / pickle errors have many types; all mean the same to a user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path}: cannot read weights ({reason}); the file is truncated or corrupt, "
@@ -208,6 +212,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e}); restore the file from the model download") from None
+    except PermissionError:
+        raise ModelLoadError(f"{path}: permission denied; ask the folder's owner for read access") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: expected a JSON object; restore the file from the model download")
     return data
@@ -255,15 +261,19 @@ def load_component(model_dir: Path, comp: Component, dtype: torch.dtype = torch.
     _check_class(raw, comp, folder / "config.json")
     try:
         cfg = config_from_dict(comp.config_cls, raw, str(folder / "config.json"), fixed=comp.fixed,
-                               ignored=comp.ignored, rename=comp.rename, strict=comp.strict)
+                               ignored=comp.ignored, strict=comp.strict)
     except ValueError as e:
         raise ModelLoadError(f"{folder / 'config.json'}: {e}") from None
     files = _weight_files(folder, comp.library)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(_read_weights(f))
-    with torch.device("meta"):
-        module = comp.cls(cfg)
+    try:
+        with torch.device("meta"):
+            module = comp.cls(cfg)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: the config describes no network this engine can build "
+                             f"({type(e).__name__}: {e}); restore the file from the model download") from None
     _load_state(module, state, folder, dtype)
     return module.eval().requires_grad_(False)
 
@@ -305,46 +315,77 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> U
 
 # --- saving ------------------------------------------------------------------------------------------------
 
-def _save_component(module: nn.Module, comp: Component, folder: Path) -> None:
+def _save_component(module: nn.Module, comp: Component, folder: Path, dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     meta = ({"_class_name": comp.class_names[0], "_diffusers_version": DIFFUSERS_VERSION}
             if comp.library == "diffusers" else {"architectures": [comp.class_names[0]]})
     (folder / "config.json").write_text(json.dumps(config_to_dict(module.config, meta), indent=2))
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+             for k, v in module.state_dict().items()}
     name = "diffusion_pytorch_model.safetensors" if comp.library == "diffusers" else "model.safetensors"
     save_file(state, str(folder / name), metadata={"format": "pt"})
 
 
-def save_model(model: UnCLIPModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def _component(folder: str) -> Component:
+    return next(c for c in COMPONENTS if c.folder == folder)
+
+
+def save_component(module: nn.Module, root: str | os.PathLike, folder: str, dtype: torch.dtype | None = None) -> Path:
+    """Write one component folder (e.g. "decoder") of a model folder, replacing it atomically; `dtype` converts
+    the floating-point tensors (fp16 for a compact copy)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        _save_component(module, _component(folder), tmp / folder, dtype)
+        old = root / folder
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(tmp / folder, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / folder
+
+
+def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[str, SchedulerConfig],
+                         sr1024: bool) -> None:
+    """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks."""
+    index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}
+    for comp in COMPONENTS:
+        if comp.required:  # optional stages are found by their folder; diffusers would reject them in the index
+            index[comp.folder] = [comp.library, comp.class_names[0]]
+    tokenizer.save(root / "tokenizer")
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for stage, folder in SCHEDULER_FOLDERS.items():
+        if stage == "sr1024" and not sr1024:
+            continue
+        cfg = config_to_dict(schedulers[stage], {"_class_name": "UnCLIPScheduler"})
+        if cfg["beta_schedule"] != "squaredcos_cap_v2":
+            cfg["_class_name"] = "DDPMScheduler"
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
+        if stage != "sr1024":
+            index[folder] = ["diffusers", "UnCLIPScheduler"]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_model(model: UnCLIPModel, path: str | os.PathLike, overwrite: bool = False,
+               dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a diffusers-layout folder. Written under a temporary name, then renamed into place."""
     root = Path(path)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} already exists; pass overwrite=True or choose another path")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
-        index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}
         for comp in COMPONENTS:
             module = getattr(model, comp.attr)
-            if module is None:
-                continue
-            _save_component(module, comp, tmp / comp.folder)
-            if comp.required:  # optional stages are found by their folder; diffusers would reject them here
-                index[comp.folder] = [comp.library, comp.class_names[0]]
-        model.tokenizer.save(tmp / "tokenizer")
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        for stage, folder in SCHEDULER_FOLDERS.items():
-            if stage == "sr1024" and model.sr1024 is None:
-                continue
-            cfg = config_to_dict(model.schedulers[stage], {"_class_name": "UnCLIPScheduler"})
-            if cfg["beta_schedule"] != "squaredcos_cap_v2":
-                cfg["_class_name"] = "DDPMScheduler"
-            (tmp / folder).mkdir()
-            (tmp / folder / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
-            if stage != "sr1024":
-                index[folder] = ["diffusers", "UnCLIPScheduler"]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            if module is not None:
+                _save_component(module, comp, tmp / comp.folder, dtype)
+        write_pipeline_files(tmp, model.tokenizer, model.schedulers, model.sr1024 is not None)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -1,11 +1,14 @@
-"""Named model presets with seeded random weights: `tiny` (tests), `small` (CPU demos, benchmarks) and `karlo`
-(Karlo v1 alpha's exact shapes plus the paper's 256->1024 upsampler; build it on the meta device to inspect)."""
+"""Named models: `demo` (trained on the shapes world, shipped in the package) and the presets with seeded random
+weights: `tiny` (tests), `small` (real Karlo image sizes at a small width) and `karlo` (Karlo v1 alpha's exact
+shapes plus the paper's 256->1024 upsampler; build it on the meta device to inspect)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
+from unclip.core.errors import ModelLoadError
+from unclip.core.identity import NAMES, RANDOM_PRESETS, demo_folder
+from unclip.core.tokenizer import CLIPTokenizer, synthetic_vocab
 from unclip.models.decoder import Decoder, DecoderConfig
 from unclip.models.image_encoder import ImageEncoder, ImageEncoderConfig
 from unclip.models.io import KARLO_SCHEDULERS, UnCLIPModel
@@ -13,7 +16,6 @@ from unclip.models.prior import Prior, PriorConfig
 from unclip.models.superres import SuperRes, SuperResConfig
 from unclip.models.text_encoder import TextEncoder, TextEncoderConfig
 from unclip.models.text_proj import TextProj, TextProjConfig
-from unclip.models.tokenizer import CLIPTokenizer, synthetic_vocab
 
 # Words the synthetic tokenizer spells as single tokens (any text still tokenizes, byte by byte).
 DEMO_WORDS = ("a photo of an the and with in on red green blue big small cat dog horse frog leaf painting "
@@ -103,10 +105,23 @@ def _randomise(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+assert tuple(PRESETS) == RANDOM_PRESETS, (tuple(PRESETS), RANDOM_PRESETS)
+
+
 def build_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UnCLIPModel:
-    """The named preset with seeded random weights (on the meta device: shapes only, no memory)."""
+    """The named model: `demo` read from the package, or a preset with seeded random weights (on the meta device:
+    shapes only, no memory)."""
+    if name == "demo":
+        from unclip.models.io import load_model
+        folder = demo_folder()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"{folder}: the demo model's weights are missing from this installation; "
+                                 "reinstall the package (or train them: unclip-train --out DIR)")
+        model = load_model(folder, dtype).to(device)
+        model.name = "demo"
+        return model
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+        raise ModelLoadError(f"unknown preset {name!r} (choose from: {', '.join(NAMES)})")
     p = PRESETS[name]
     meta = torch.device(device).type == "meta"
     gen = torch.Generator().manual_seed(p.seed)
@@ -123,9 +138,22 @@ def build_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dty
             with torch.device("meta"):
                 nets[attr] = cls(cfg)
             continue
-        torch.manual_seed(p.seed * 1000 + i)  # default initialisers draw from the global generator
-        net = cls(cfg)
+        with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+            torch.manual_seed(p.seed * 1000 + i)  # default initialisers draw from the global generator
+            net = cls(cfg)
         _randomise(net, gen)
         nets[attr] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return UnCLIPModel(tokenizer=CLIPTokenizer(_TOKENIZER_FILES, source=f"preset:{name}"),
                        schedulers=dict(KARLO_SCHEDULERS), name=name, **nets)
+
+
+def resolve_model(model: str) -> UnCLIPModel:
+    """A built-in name (demo, tiny, small) or a model folder -> UnCLIPModel (fp32, CPU)."""
+    if model == "karlo":
+        raise ModelLoadError("the 'karlo' preset is for shape checks (3.4 B random parameters); "
+                             "pass --model PATH to a downloaded Karlo folder instead")
+    if model in NAMES:
+        return build_preset(model)
+    from unclip.models.io import load_model
+    return load_model(model)
+

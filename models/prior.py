@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from unclip.models.common import TimestepMLP, attention, broadcast_timestep, timestep_embedding
+from unclip.models.common import TIME_ACTIVATIONS, TimestepMLP, attention, broadcast_timestep, timestep_embedding
 
 MASK_VALUE = -10000.0  # additive bias of masked keys, as Karlo/diffusers use
 
@@ -23,6 +22,11 @@ class PriorConfig:
     additional_embeddings: int = 4  # [text_embeds, time, x_t, prd]
     dropout: float = 0.0
     time_embed_act_fn: str = "silu"
+
+    def __post_init__(self):
+        if self.time_embed_act_fn not in TIME_ACTIVATIONS:
+            raise ValueError(f"time_embed_act_fn={self.time_embed_act_fn!r} is not supported "
+                             f"(supported: {', '.join(map(repr, TIME_ACTIVATIONS))})")
 
     @property
     def width(self) -> int:
@@ -82,14 +86,15 @@ class _Block(nn.Module):
 class Prior(nn.Module):
     """(x_t (B, D), t (B,), text_embeds e (B, D), text_hidden H (B, 77, D), text_mask m (B, 77)) -> x0 (B, D).
 
-    x_t and the output live in the normalised space; `unnormalise` maps a sample to a CLIP image embedding.
+    x_t and the output live in the normalised space; a sample maps to a CLIP image embedding as
+    x * clip_std + clip_mean (the pipeline does it, with the statistics kept in fp32).
     """
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.config = cfg
         W, D = cfg.width, cfg.embedding_dim
-        self.time_embedding = TimestepMLP(W, W, W)
+        self.time_embedding = TimestepMLP(W, W, W, act=cfg.time_embed_act_fn)
         self.proj_in = nn.Linear(D, W)
         self.embedding_proj = nn.Linear(D, W)
         self.encoder_hidden_states_proj = nn.Linear(D, W)
@@ -125,7 +130,3 @@ class Prior(nn.Module):
             h = block(h, bias)
         h = self.norm_out(h)
         return self.proj_to_clip_embeddings(h[:, -1])  # the prd token's output = x0 (B, D)
-
-    def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Sampled (normalised) embedding -> CLIP image embedding z = x * std + mean."""
-        return x * self.clip_std + self.clip_mean

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from unclip.models.common import TimestepMLP, broadcast_timestep, timestep_embedding
-from unclip.models.unet import build_unet_body, run_unet_body
+from unclip.models.unet import UNetShape, build_unet_body, run_unet_body
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,11 @@ class SuperRes(nn.Module):
         c0 = cfg.block_out_channels[0]
         self.time_embedding = TimestepMLP(c0, 4 * c0)
         n = len(cfg.block_out_channels)
-        build_unet_body(
-            self, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        build_unet_body(self, UNetShape(
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels,
             block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-            attn_down=[False] * n, attn_up=[False] * n, mid_attention=False, head_dim=1, context_dim=1,
-            groups=cfg.norm_num_groups, eps=cfg.norm_eps, scale_shift=cfg.resnet_time_scale_shift == "scale_shift")
+            attn_down=(False,) * n, attn_up=(False,) * n, mid_attention=False, head_dim=1, context_dim=1,
+            groups=cfg.norm_num_groups, eps=cfg.norm_eps, scale_shift=cfg.resnet_time_scale_shift == "scale_shift"))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
         cfg = self.config

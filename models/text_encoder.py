@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from unclip.models.clip import CLIPEncoder
 
 

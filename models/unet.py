@@ -6,10 +6,11 @@ resamples (avg-pool / nearest x2 on both branches). The decoder's attention atte
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from unclip.models.common import attention
 
 MASK_VALUE = -10000.0
@@ -139,11 +140,28 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, emb)
 
 
-def build_unet_body(module: nn.Module, *, in_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
-                    layers_per_block: int, attn_down: list[bool], attn_up: list[bool], mid_attention: bool, head_dim: int,
-                    context_dim: int, groups: int, eps: float, scale_shift: bool) -> None:
+@dataclass(frozen=True)
+class UNetShape:
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attn_down: tuple[bool, ...]  # per level: resnets followed by attention
+    attn_up: tuple[bool, ...]
+    mid_attention: bool
+    head_dim: int
+    context_dim: int
+    groups: int
+    eps: float
+    scale_shift: bool
+
+
+def build_unet_body(module: nn.Module, u: UNetShape) -> None:
     """Create conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out on `module`."""
-    chans = block_out_channels
+    in_channels, out_channels, layers_per_block = u.in_channels, u.out_channels, u.layers_per_block
+    attn_down, attn_up, mid_attention, head_dim = u.attn_down, u.attn_up, u.mid_attention, u.head_dim
+    context_dim, groups, eps, scale_shift = u.context_dim, u.groups, u.eps, u.scale_shift
+    chans = u.block_out_channels
     temb = 4 * chans[0]
     n = len(chans)
 

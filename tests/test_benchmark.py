@@ -11,15 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_latency_script_writes_full_report(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "latency.py"), "--preset", "tiny",
-                          "--repeats", "1", "--batch", "2", "--steps", "3,3,2,2", "--out", str(tmp_path)],
+                          "--repeats", "1", "--batch", "2", "--steps", "3,3,2,2", "--out", str(tmp_path),
+                          "--backend", "diffusers", "--backend", "torch", "--backend", "onnxruntime",
+                          "--backend", "torch:bf16"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "latency.json").read_text())
-    for key in ("date", "machine", "versions", "settings", "matmul_peak_gflops", "flops_per_call", "export_s",
+    for key in ("date", "machine", "versions", "settings", "peak_gflops", "peak_shapes", "flops_per_call", "export_s",
                 "results", "stages", "ratios", "image_difference"):
         assert key in report, key
-    assert report["machine"]["cores"] >= 1 and report["matmul_peak_gflops"] > 0
-    assert set(report["results"]) == {"diffusers", "torch", "onnxruntime"}
+    assert report["machine"]["cores"] >= 1
+    assert report["peak_gflops"]["fp32"] == max(report["peak_shapes"]["fp32"].values()) > 0
+    assert set(report["results"]) == {"diffusers", "torch", "onnxruntime", "torch bf16"}
     for backend, r in report["results"].items():
         for key in ("load_s", "seconds_per_image", "images_per_second", "peak_memory_mb", "networks"):
             assert r[key] is not None, (backend, key)
@@ -30,7 +33,8 @@ def test_latency_script_writes_full_report(tmp_path):
         # step counts are the requested ones: 3 prior steps at guided batch, 2 sr256 calls, ...
         assert r["networks"]["prior"]["calls"] == 3 and stages["sr256"]["calls"] == 2
     assert report["flops_per_call"]["decoder"] > report["flops_per_call"]["text_proj"] > 0
-    assert set(report["ratios"]) == {"torch", "onnxruntime"}
+    assert set(report["ratios"]) == {"torch", "onnxruntime", "torch bf16"}
+    assert set(report["peak_gflops"]) == {"fp32", "bf16"}
     for d in report["image_difference"].values():
         assert 0 <= d["mean_abs"] <= d["max_abs"] <= 1
     assert "| decoder |" in (tmp_path / "latency.md").read_text()

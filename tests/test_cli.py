@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-
 from unclip.engine.cli import main
 
-FAST = ["--model", "tiny", "--prior-steps", "3", "--decoder-steps", "3", "--sr256-steps", "2"]
+FAST = ["--model", "tiny", "--prior-steps", "3", "--decoder-steps", "3", "--sr256-steps", "2", "--size", "64"]
 
 
 @pytest.fixture
@@ -31,26 +30,26 @@ def test_generates_pngs_with_metadata_and_dump(runner, tmp_path):
     assert len(paths) == 3
     img = Image.open(paths[0])
     assert img.size == (64, 64) and img.text["prompt"] == "a photo of a cat" and img.text["backend"] == "onnxruntime"
-    assert json.loads(img.text["steps"])["prior_steps"] == 3
+    assert json.loads(img.text["prior_steps"]) == 3 and img.text["model"] == "tiny"
     meta = json.loads((tmp_path / "d" / "dump.json").read_text())
     assert meta["timesteps"]["sr256"] == [999, 0]
-    assert np.load(tmp_path / "d" / "image_256.npy").shape == (3, 3, 64, 64)
+    assert np.load(tmp_path / "d" / "image_sr256.npy").shape == (3, 3, 64, 64)
     assert np.load(tmp_path / "d" / "image_embeds.npy").shape == (3, 32)
 
 
 def test_empty_prompt_and_torch_backend(runner):
-    res = runner.invoke(main, ["", *FAST, "--backend", "torch", "--size", "64"])
+    res = runner.invoke(main, ["", *FAST, "--backend", "torch", "--size", "16"])
     assert res.exit_code == 0, res.output
     assert Image.open(res.stdout.split()[0]).size == (16, 16)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--size", "512"], "--size 512 is not one of 64, 256, 1024"),
-    (["--prior-steps", "0"], "prior-steps must be at least 1"),
-    (["--decoder-steps", "-3"], "decoder-steps must be at least 1"),
+    (["--size", "512"], "--size 512 is not an image size of model 'tiny' (its sizes: 16, 64, 256)"),
+    (["--prior-steps", "0"], "--prior-steps must be a whole number >= 1"),
+    (["--decoder-steps", "-3"], "--decoder-steps must be a whole number >= 1"),
     (["--model", "/nonexistent/model"], "no such model folder"),
     (["--out", "/proc/forbidden"], "cannot write there"),
-    (["--eta", "-1"], "eta must be >= 0"),
+    (["--eta", "-1"], "--eta must be >= 0"),
 ])
 def test_bad_input_one_line(runner, args, message):
     res = runner.invoke(main, ["cat", *FAST, *args])
@@ -63,9 +62,9 @@ def test_size_without_stage(runner, tmp_path):
     m = build_preset("tiny")
     m.sr1024 = None
     save_model(m, tmp_path / "no1024")
-    res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "no1024"), "--size", "1024",
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "no1024"), "--size", "256",
                                "--backend", "torch"])
-    assert res.exit_code == 1 and "has no 256->1024 stage" in res.output
+    assert res.exit_code == 1 and "(its sizes: 16, 64)" in res.output
 
 
 def test_corrupt_engines_name_the_fix(runner, tmp_path):
@@ -100,3 +99,16 @@ def test_engines_of_another_model_refused(runner, tmp_path):
     save_model(build_preset("tiny"), tmp_path / "other")
     res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "other"), "--engines", "e"])
     assert res.exit_code == 1 and "holds engines of 'tiny'" in res.output and "--force" in res.output
+
+
+def test_tensorrt_without_tensorrt_one_line(runner, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    res = runner.invoke(main, ["cat", *FAST, "--backend", "tensorrt"])
+    assert res.exit_code == 1 and "TensorRT is not installed: pip install tensorrt" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("device", ["foo", "mps", "cuda:x"])
+def test_unsupported_device_one_line(runner, device):
+    res = runner.invoke(main, ["cat", *FAST, "--device", device])
+    assert res.exit_code == 1 and f"--device {device!r} is not supported" in res.output, res.output

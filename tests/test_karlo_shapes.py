@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from refs import text_proj_class
 from unclip.models import build_preset
 
@@ -14,7 +13,12 @@ pytest.importorskip("transformers")
 
 def _karlo_reference():
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     sr = dict(sample_size=256, layers_per_block=3, in_channels=6, out_channels=3, add_attention=False,
               block_out_channels=(320, 640, 960, 1280), down_block_types=("ResnetDownsampleBlock2D",) * 4,

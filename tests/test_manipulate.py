@@ -6,14 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
+from refs import ReusingBackend
 from unclip.engine import manipulate as mp
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.cli import main
-from unclip.engine.pipeline import Noise, Result, Settings, finish, generate
+from unclip.engine.pipeline import Noise, Settings, finish, generate
 from unclip.models import build_preset, save_model
 
-FAST = Settings(prior_steps=4, decoder_steps=4, sr256_steps=2, size=256)
+FAST = Settings(prior_steps=4, decoder_steps=4, sr256_steps=2, size=64)  # tiny: 16 / 64 / 256 px
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,12 @@ def folder(tmp_path_factory):
     return save_model(build_preset("tiny"), tmp_path_factory.mktemp("m") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def backend(folder):
+@pytest.fixture(scope="module", params=["torch", "reusing"])
+def backend(folder, request):
+    """The torch backend, and the same behind TensorRT's output contract (buffers overwritten on each call)."""
     from unclip.models import load_model
-    return TorchBackend(load_model(folder))
+    b = TorchBackend(load_model(folder))
+    return ReusingBackend(b) if request.param == "reusing" else b
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_variation_equals_decoder_on_transformers_embedding(folder, backend, pic
     s = FAST
     ours = mp.variation(backend, backend.spec, s, img).images
     text = mp.empty_text(backend, backend.spec, s, 1)
-    ref = finish(backend, backend.spec, s, z_ref, text, Noise(s.seed, 1, backend.device), None, Result(torch.empty(0)))
+    ref = finish(backend, backend.spec, s, z_ref, text, Noise(s.seed, 1, backend.device)).images
     assert (ours.int() - ref.int()).abs().max() <= 1
 
 
@@ -70,26 +72,26 @@ def test_inversion_reconstructs_with_eta_zero(picture):
         m.decoder.conv_out.weight *= 0.01
         m.decoder.conv_out.bias *= 0.01
     backend = TorchBackend(m)
-    s = Settings(decoder_steps=25, decoder_guidance=1.0, size=64, eta=0.0)  # guidance x8 would amplify eps too
+    s = Settings(decoder_steps=25, decoder_guidance=1.0, size=16, eta=0.0)  # guidance x8 would amplify eps too
     img = mp.load_image(picture)
     res = mp.variation(backend, backend.spec, s, img, invert=True, keep=True)
     S = backend.spec.decoder_size
     x0 = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     from unclip.engine.pipeline import upsample
     target = upsample(mp._center_square(x0), S).clamp(-1, 1)
-    err = (res.intermediates["image_64"] - target).abs().mean()
+    err = (res.intermediates["image_decoder"] - target).abs().mean()
     assert err < 0.01, err
-    fresh = mp.variation(backend, backend.spec, s, img, keep=True).intermediates["image_64"]
+    fresh = mp.variation(backend, backend.spec, s, img, keep=True).intermediates["image_decoder"]
     assert (fresh - target).abs().mean() > 0.5  # fresh noise does not reconstruct
 
 
 def test_interpolation_endpoints_equal_plain_generation(backend):
     s = FAST
-    frames = mp.interpolate(backend, backend.spec, s, "a red cat", "a green frog", 4)
+    frames = list(mp.interpolate(backend, backend.spec, s, "a red cat", "a green frog", 4))
     a = generate(backend, backend.spec, "a red cat", s).images[0]
     b = generate(backend, backend.spec, "a green frog", s).images[0]
     assert torch.equal(frames[0], a) and torch.equal(frames[-1], b)
-    again = mp.interpolate(backend, backend.spec, s, "a red cat", "a green frog", 4)
+    again = list(mp.interpolate(backend, backend.spec, s, "a red cat", "a green frog", 4))
     assert all(torch.equal(x, y) for x, y in zip(frames, again))
     assert not torch.equal(frames[1], frames[0])
 
@@ -98,17 +100,17 @@ def test_interpolation_of_images_endpoints_equal_variations(backend, picture, tm
     other = tmp_path / "other.png"
     Image.fromarray((np.asarray(Image.open(picture))[::-1]).copy()).save(other)
     s = FAST
-    frames = mp.interpolate(backend, backend.spec, s, str(picture), str(other), 3)
+    frames = list(mp.interpolate(backend, backend.spec, s, mp.load_image(picture), mp.load_image(other), 3))
     assert torch.equal(frames[0], mp.variation(backend, backend.spec, s, mp.load_image(picture)).images[0])
     assert torch.equal(frames[-1], mp.variation(backend, backend.spec, s, mp.load_image(other)).images[0])
 
 
 def test_text_diff_zero_is_the_unedited_image(backend):
     s = FAST
-    edited = mp.text_diff(backend, backend.spec, s, "a photo of a cat", "cat", "dog", 0.0)[0]
+    edited = next(mp.text_diff(backend, backend.spec, s, "a photo of a cat", ("cat", "dog"), 0.0))
     plain = generate(backend, backend.spec, "a photo of a cat", s).images[0]
     assert torch.equal(edited, plain)
-    moved = mp.text_diff(backend, backend.spec, s, "a photo of a cat", "cat", "dog", 0.5)[0]
+    moved = next(mp.text_diff(backend, backend.spec, s, "a photo of a cat", ("cat", "dog"), 0.5))
     assert not torch.equal(moved, plain)
 
 
@@ -154,7 +156,7 @@ def runner(tmp_path, monkeypatch):
     return CliRunner()
 
 
-CLI = ["--model", "tiny", "--backend", "torch", "--prior-steps", "2", "--decoder-steps", "2", "--sr256-steps", "2"]
+CLI = ["--model", "tiny", "--size", "64", "--backend", "torch", "--prior-steps", "2", "--decoder-steps", "2", "--sr256-steps", "2"]
 
 
 def test_cli_variation_interpolate_text_diff(runner, picture, tmp_path):

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-
 from unclip.models import ModelLoadError, build_preset, load_model, save_model
 
 

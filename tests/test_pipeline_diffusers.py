@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from refs import text_proj_class
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.pipeline import Settings, generate, upsample
@@ -63,13 +62,14 @@ def test_unclip_sampler_equals_diffusers(folder, diffusers_pipe, prompt, steps, 
                          output_type="np").images  # (1, H, W, 3) in [0, 1]
     # diffusers' memory layout (NCHW): the same maths in the same order, compared strictly below.
     backend = TorchBackend(load_model(folder), channels_last=False)
-    s = Settings(seed=seed, sampler="unclip", prior_steps=steps[0], decoder_steps=steps[1], sr256_steps=steps[2])
+    s = Settings(seed=seed, sampler="unclip", prior_steps=steps[0], decoder_steps=steps[1], sr256_steps=steps[2],
+                 size=64)  # tiny: 16 / 64 / 256 px; diffusers stops after sr256
     res = generate(backend, backend.spec, prompt, s, keep=True)
     # Prior and decoder outputs: tight.
     assert (res.intermediates["image_embeds"] - cap["z"]).abs().max() <= 1e-4 * cap["z"].abs().max()
-    up = upsample(res.intermediates["image_64"], backend.spec.sr256_size)
+    up = upsample(res.intermediates["image_decoder"], backend.spec.sr256_size)
     assert (up - cap["up"]).abs().max() <= 1e-3
-    ours = (res.intermediates["image_256"].clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
+    ours = (res.intermediates["image_sr256"].clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
     assert ours.shape == ref.shape
     err = np.abs(ours - ref)
     if steps == (25, 25, 7):
@@ -87,7 +87,7 @@ def test_default_channels_last_backend_equals_diffusers(folder, diffusers_pipe):
     random upsamplers amplify at default steps, so this whole-loop check uses the issue's robust measure."""
     ref = diffusers_pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
     backend = TorchBackend(load_model(folder))
-    res = generate(backend, backend.spec, "a photo of a cat", Settings(sampler="unclip"), keep=True)
-    ours = (res.intermediates["image_256"].clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
+    res = generate(backend, backend.spec, "a photo of a cat", Settings(sampler="unclip", size=64), keep=True)
+    ours = (res.intermediates["image_sr256"].clamp(-1, 1) * 0.5 + 0.5).permute(0, 2, 3, 1).numpy()
     err = np.abs(ours - ref)
     assert err.mean() <= 2e-3 and (err > 0.05).mean() <= 1e-3, (err.mean(), (err > 0.05).mean())

@@ -6,16 +6,16 @@ import shutil
 
 import pytest
 import torch
-
+from refs import ReusingBackend
+from unclip.core.artifacts import ExportError
+from unclip.core.contract import contracts
 from unclip.engine.backend_ort import OnnxRuntimeBackend
 from unclip.engine.backend_torch import TorchBackend
-from unclip.engine.pipeline import Settings, _guided, generate
-from unclip.export.artifacts import ExportError
-from unclip.export.contract import contracts
+from unclip.engine.pipeline import Settings, generate, guide
 from unclip.export.onnx_export import export_model
 from unclip.models import build_preset
 
-FAST = Settings(prior_steps=5, decoder_steps=5, sr256_steps=3, sr1024_steps=3)
+FAST = Settings(prior_steps=5, decoder_steps=5, sr256_steps=3, sr1024_steps=3, size=64)  # tiny: 16/64/256 px
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,14 @@ def engines(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def torch_backend():
-    return TorchBackend(build_preset("tiny"))
+@pytest.fixture(scope="module", params=["torch", "reusing"])
+def torch_backend(request):
+    """The torch backend, and the same behind TensorRT's output contract (buffers overwritten on every call)."""
+    b = TorchBackend(build_preset("tiny"))
+    return ReusingBackend(b) if request.param == "reusing" else b
 
 
-@pytest.mark.parametrize("settings", [Settings(), Settings(size=1024, seed=3, sampler="unclip")])
+@pytest.mark.parametrize("settings", [Settings(size=64), Settings(size=256, seed=3, sampler="unclip")])
 def test_onnxruntime_and_torch_give_the_same_image(engines, torch_backend, settings):
     ort_b = OnnxRuntimeBackend(engines)
     a = generate(ort_b, ort_b.spec, "a photo of a cat", settings).images.float() / 255
@@ -58,7 +60,7 @@ def test_fused_guidance_equals_separate_calls(torch_backend):
         calls.append(x.shape[0])
         return torch.cat([x, x], 1) * torch.cat([cond_u, cond_c])[: x.shape[0]] + t[:, None, None, None] / 1000
 
-    out = _guided(run, 8.0, eps_channels=3)(x, t, 0)
+    out = guide(run, 8.0, channels=3)(x, t, 0)
     u = torch.cat([x, x], 1) * cond_u + 0.5
     c = torch.cat([x, x], 1) * cond_c + 0.5
     assert calls == [4]
@@ -169,3 +171,49 @@ def test_concurrent_export_refused(engines, tmp_path):
     (d / ".export.lock").write_text(str(os.getppid()))  # a live process holds the lock
     with pytest.raises(ExportError, match="another export"):
         export_model(build_preset("tiny"), d, source="tiny")
+
+
+def test_torch_backend_converts_copies_and_keeps_statistics_fp32():
+    model = build_preset("tiny")
+    b = TorchBackend(model, precision="bf16")
+    assert next(model.decoder.parameters()).dtype == torch.float32  # the caller's model is untouched
+    assert model.decoder.conv_in.weight.is_contiguous()  # (channels-last is the backend's copy's business)
+    assert b.spec.clip_mean == [float(v) for v in model.prior.clip_mean.flatten()]  # not rounded to bf16
+    out = b.run("prior", contracts(b.spec)["prior"].sample_inputs(2, b.spec))
+    assert out["x0"].dtype == torch.float32  # callers get fp32 whatever the compute precision
+
+
+def test_static_buffers_equal_eager_bit_for_bit_and_bind_constants_once():
+    """The GPU fast path's buffer logic, on the CPU: the same images bit for bit (fp32), every network call on the
+    same static tensors, and a stage's constant inputs copied in once, not every step."""
+    model = build_preset("tiny")
+    eager, static = TorchBackend(model), TorchBackend(model, mode="static")
+    s = Settings(**{**FAST.__dict__, "num_images": 2, "size": 256, "sampler": "ddpm"})
+    a = generate(eager, eager.spec, "a cat", s, keep=True)
+    b = generate(static, static.spec, "a cat", s, keep=True)
+    assert torch.equal(a.images, b.images)
+    for k in a.intermediates:
+        assert torch.equal(a.intermediates[k], b.intermediates[k]), k
+    dec = static.statics[("decoder", 4)]  # guided: [uncond; cond] rows of 2 images
+    steps = FAST.decoder_steps
+    # per step x_t and t are new tensors; class_emb, context and context_mask come from one text_proj call
+    assert dec.binder.copies == 2 * steps + 3, dec.binder.copies
+    sr = static.statics[("sr256_first", 2)]
+    assert sr.binder.copies == 2 * (FAST.sr256_steps - 1) + 1  # low_res once
+    out_before = dec.outputs["out"]
+    generate(static, static.spec, "a dog", s)
+    assert static.statics[("decoder", 4)].outputs["out"] is out_before  # static: the same tensor every call
+
+
+def test_binder_never_trusts_a_reused_address():
+    from unclip.engine.static import Binder
+    b, dst = Binder(), torch.zeros(3)
+    x = torch.ones(3)
+    b.bind("x", x, dst)
+    x.add_(1)  # changed in place: copied again
+    b.bind("x", x, dst)
+    assert torch.equal(dst, torch.full((3,), 2.0)) and b.copies == 2
+    b.bind("x", x, dst)
+    assert b.copies == 2  # unchanged: skipped
+    b.bind("x", x.clone(), dst)  # another tensor, equal values: copied (identity, not equality, decides)
+    assert b.copies == 3

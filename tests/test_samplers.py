@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from unclip.engine import samplers
 from unclip.engine.schedules import betas_for, spaced_timesteps, step_table
 
@@ -57,8 +56,9 @@ def test_ddim_equals_float64_reference(prediction, clip, eta):
     table = step_table(10)
     abar = np.cumprod(1 - betas_for("squaredcos_cap_v2"))
     ref = _ddim_reference(model, x, spaced_timesteps(10), abar, noises, prediction, clip, eta)
-    it = iter(noises)
-    ours = samplers.ddim(model, x.clone(), table, lambda shape: next(it), prediction=prediction, clip=clip, eta=eta)
+    pre = torch.stack(noises[:samplers.ddim_draws(table, eta)]) if eta else torch.empty(0)
+    denoise = samplers.denoiser(model, table, prediction, clip)
+    ours = samplers.ddim(denoise, x.clone(), table, pre, eta=eta)
     assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
 
 
@@ -67,21 +67,59 @@ def test_linear_schedule():
     assert b[0] == 1e-4 and b[-1] == 0.02 and len(b) == 1000
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("unclip", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("unclip", 0.0)])
 @pytest.mark.parametrize("steps", [1, 2, 7, 25])
-def test_noise_draws_counts_what_the_sampler_draws(sampler, eta, steps):
-    """The pipeline draws each stage's step noise up front; the count must be exactly what the sampler uses."""
+def test_each_sampler_uses_exactly_the_noise_its_rule_counts(sampler, eta, steps):
+    """The pipeline draws each stage's step noise up front from the sampler's own count; the sampler asserts it used
+    every draw, and each draw lands in x: the final sample moves with each one."""
     table = step_table(steps)
-    calls = []
-
-    def noise(shape):
-        calls.append(shape)
-        return torch.zeros(shape)
-
-    model = lambda x, i: torch.zeros(x.shape[0], 2 * x.shape[1])  # noqa: E731
+    s = samplers.get(sampler)
+    n = s.draws(table, eta)
+    assert n == (0 if sampler == "ddim" and eta == 0 else steps - 1)  # every step but the last (t = 0)
+    denoise = samplers.denoiser(lambda x, i: torch.zeros(x.shape[0], 2 * x.shape[1]), table, "epsilon", 1.0,
+                                "learned_range")
     x = torch.zeros(1, 3)
-    if sampler == "ddim":
-        samplers.ddim(model, x, table, noise, eta=eta)
-    else:
-        samplers.unclip(model, x, table, noise, variance="learned_range")
-    assert len(calls) == samplers.noise_draws(table, sampler, eta)
+    base = s.sample(denoise, x, table, torch.zeros(n, 1, 3), eta=eta)
+    for k in range(n):
+        bumped = torch.zeros(n, 1, 3)
+        bumped[k] = 1.0
+        assert not torch.equal(s.sample(denoise, x, table, bumped, eta=eta), base), k
+    with pytest.raises(AssertionError):
+        s.sample(denoise, x, table, torch.zeros(n + 1, 1, 3), eta=eta)
+
+
+def _ddpm_reference(model, x, ts, abar, noises, learned):
+    """Ho et al. 2020 eq. 6-7 over the respaced chain, float64, with Nichol & Dhariwal's learned range."""
+    x = x.double()
+    for i, t in enumerate(ts):
+        a_t = abar[t]
+        a_s = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        beta = 1 - a_t / a_s
+        out = model(x, i).double()
+        x0 = ((x - np.sqrt(1 - a_t) * out[:, :2]) / np.sqrt(a_t)).clamp(-1, 1)
+        mean = np.sqrt(a_s) * beta / (1 - a_t) * x0 + np.sqrt(1 - beta) * (1 - a_s) / (1 - a_t) * x
+        if i + 1 < len(ts):
+            post = beta * (1 - a_s) / (1 - a_t)
+            f = (out[:, 2:] + 1) / 2
+            log_var = f * np.log(beta) + (1 - f) * np.log(post) if learned else np.log(post) + 0 * f
+            x = mean + torch.exp(0.5 * log_var) * noises[i].double()
+        else:
+            x = mean
+    return x
+
+
+@pytest.mark.parametrize("variance", ["fixed_small_log", "learned_range"])
+def test_ddpm_equals_float64_reference(variance):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(2, 4, generator=g, dtype=torch.float64) * 0.5
+
+    def model(x, i):
+        return torch.tanh(x.double() @ W + 0.1 * i).to(x.dtype)
+
+    x = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    table = step_table(8)
+    noise = torch.randn(7, 3, 2, generator=g, dtype=torch.float64)
+    abar = np.cumprod(1 - betas_for("squaredcos_cap_v2"))
+    ref = _ddpm_reference(model, x, spaced_timesteps(8), abar, noise, variance == "learned_range")
+    ours = samplers.ddpm(samplers.denoiser(model, table, "epsilon", 1.0, variance), x.clone(), table, noise)
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from unclip.engine.backend_ort import OnnxRuntimeBackend
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.pipeline import Settings, generate

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from refs import hf_tokenizer, write_vocab
 from unclip.models import CLIPTokenizer
 

@@ -13,12 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from unclip.core.errors import ExportError, ExportLocked
+
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-class ExportError(Exception):
-    """An export that failed or an export directory that can't be used; the message names the fix."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -33,8 +31,17 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a new file (0666) or folder (0777) gets under the process's umask, as any tool creates them;
+    tempfile's owner-only 0600 / 0700 would lock other users out of shared engines and model folders."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, default_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -58,6 +65,24 @@ def read_manifest(out_dir: Path, fix: str) -> dict:
     if m.get("format") != FORMAT:
         raise ExportError(f"{path}: export format {m.get('format')} is not {FORMAT}; run: {fix}")
     return m
+
+
+def export_state(out_dir: Path) -> str:
+    """"missing" (no manifest), "partial" (the manifest lacks some of its model's networks: an export that was
+    interrupted or limited to some stages), "complete", or "broken" (an unreadable manifest)."""
+    if not (out_dir / MANIFEST).is_file():
+        return "missing"
+    try:
+        m = read_manifest(out_dir, "")
+        nets = _spec_networks(m)
+    except (ExportError, KeyError, ValueError, TypeError):
+        return "broken"
+    return "complete" if set(nets) <= set(m.get("networks", {})) else "partial"
+
+
+def _spec_networks(manifest: dict) -> list[str]:
+    from unclip.core.spec import ModelSpec
+    return ModelSpec.from_json(manifest["spec"]).networks
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -95,12 +120,14 @@ def export_lock(out_dir: Path):
         except (OSError, ValueError):
             pid = 0
         if pid and _alive(pid):
-            raise ExportError(f"{out_dir}: another export (pid {pid}) is writing here; wait for it to finish") from None
+            raise ExportLocked(f"{out_dir}: another export (pid {pid}) is writing here; wait for it to finish") from None
         lock.unlink(missing_ok=True)  # stale: its process is gone
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+        for p in out_dir.glob(".*.tmp"):  # files of killed exports (this one holds the lock: none is live)
+            p.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)

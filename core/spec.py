@@ -3,8 +3,8 @@ runtime never imports the torch networks."""
 from __future__ import annotations
 
 import base64
-import functools
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +17,6 @@ class ModelSpec:
     text_len: int  # 77
     text_width: int  # W: width of the text encoder's hidden states
     embed_dim: int  # D: CLIP embedding size (text and image)
-    prior_width: int
     time_embed_dim: int  # decoder time embedding = text_proj class embedding
     context_dim: int  # decoder cross-attention width
     extra_tokens: int  # K
@@ -43,7 +42,7 @@ class ModelSpec:
     @functools.cached_property
     def tokenizer(self):
         """Built once per spec (cached_property writes the instance dict, which a frozen dataclass allows)."""
-        from unclip.models.tokenizer import CLIPTokenizer  # pure tokenizers code, no torch networks
+        from unclip.core.tokenizer import CLIPTokenizer  # pure tokenizers code, no torch networks
         return CLIPTokenizer({k: base64.b64decode(v) for k, v in self.tokenizer_files.items()},
                              source=f"{self.name}/tokenizer")
 
@@ -57,12 +56,12 @@ class ModelSpec:
 
 def spec_from_model(model) -> ModelSpec:
     """Read the sizes off an unclip.models.UnCLIPModel (duck-typed: no import of the networks here)."""
-    te, pr, tp, dec = model.text_encoder.config, model.prior.config, model.text_proj.config, model.decoder.config
+    te, tp, dec = model.text_encoder.config, model.text_proj.config, model.decoder.config
     sr = model.sr256_first.config
     sr256 = sr.sample_size or 4 * dec.sample_size
     return ModelSpec(
         name=model.name, vocab_size=te.vocab_size, text_len=model.tokenizer.max_length, text_width=te.hidden_size,
-        embed_dim=te.projection_dim, prior_width=pr.width, time_embed_dim=tp.time_embed_dim,
+        embed_dim=te.projection_dim, time_embed_dim=tp.time_embed_dim,
         context_dim=tp.cross_attention_dim, extra_tokens=tp.clip_extra_context_tokens,
         decoder_size=dec.sample_size, decoder_out_channels=dec.out_channels, sr256_size=sr256,
         sr1024_size=None if model.sr1024 is None else (model.sr1024.config.sample_size or 4 * sr256),

@@ -1,20 +1,15 @@
 """One export contract per network: input/output names, dtypes, shapes with the dynamic batch axis, the
-min/opt/max batch profile and seeded sample inputs. Export, engine build, runtime, tests and benchmarks read it."""
+min/opt/max batch profile and seeded sample inputs. Export, engine build, runtime, tests and benchmarks read it;
+the manifest of an export stores it (to_manifest) and the runtime reads it back (from_manifest)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from unclip.engine.spec import ModelSpec
+from unclip.core.spec import ModelSpec
+from unclip.core.stages import NETWORK_STAGE, can_guide
 
 B = "B"  # the dynamic batch axis
-
-# Stages (CLI words) -> networks. sr256 is two networks: Karlo's first-steps and last-step upsamplers.
-STAGES = {"text_encoder": ["text_encoder"], "image_encoder": ["image_encoder"], "prior": ["prior"],
-          "text_proj": ["text_proj"], "decoder": ["decoder"], "sr256": ["sr256_first", "sr256_last"],
-          "sr1024": ["sr1024"]}
-GUIDED = {"text_encoder", "prior", "text_proj", "decoder"}  # run at batch 2N under classifier-free guidance
 
 
 @dataclass(frozen=True)
@@ -36,9 +31,20 @@ class Contract:
 
     @property
     def profile(self) -> tuple[int, int, int]:
-        """(min, opt, max) batch for the optimisation profile."""
-        k = 2 if self.network in GUIDED else 1
+        """(min, opt, max) batch for the optimisation profile (guided stages run [uncond; cond] at 2N)."""
+        k = 2 if can_guide(NETWORK_STAGE[self.network]) else 1
         return 1, k, k * self.max_batch
+
+    def to_manifest(self) -> dict:
+        return {"inputs": [[t.name, list(t.shape), t.dtype] for t in self.inputs],
+                "outputs": [[t.name, list(t.shape), t.dtype] for t in self.outputs], "max_batch": self.max_batch}
+
+    @classmethod
+    def from_manifest(cls, network: str, entry: dict) -> "Contract":
+        def specs(rows):
+            return tuple(TensorSpec(n, tuple(shape), dt) for n, shape, dt in rows)
+        max_batch = entry.get("max_batch") or entry["profile"][2] // (2 if can_guide(NETWORK_STAGE[network]) else 1)
+        return cls(network, specs(entry["inputs"]), specs(entry["outputs"]), max_batch)
 
     def sample_inputs(self, batch: int, spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)

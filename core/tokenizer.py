@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import unicodedata
 from pathlib import Path
 
 import torch
-
-from unclip.models.common import ModelLoadError
+from unclip.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ class CLIPTokenizer:
     """Prompts -> (input_ids (B, 77) int64, attention_mask (B, 77) int64)."""
 
     def __init__(self, files: dict[str, bytes], source: str = "<memory>"):
-        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-        from tokenizers.models import BPE
-
         self.files = dict(files)  # the folder's files, written back verbatim by save()
         self.source = source
         config: dict = {}
@@ -55,10 +53,31 @@ class CLIPTokenizer:
                     config.update(json.loads(files[name]))
                 except ValueError as e:
                     raise ModelLoadError(f"{source}/{name}: not valid JSON ({e}); restore the file") from None
-        self.max_length = int(config.get("model_max_length", 77))
+        try:
+            self.max_length = int(config.get("model_max_length", 77))
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{source}/tokenizer_config.json: model_max_length "
+                                 f"{config.get('model_max_length')!r} is not a number; restore the file") from None
         if self.max_length > 10**6:  # transformers' "no limit" sentinel
             self.max_length = 77
+        if self.max_length < 2:
+            raise ModelLoadError(f"{source}/tokenizer_config.json: model_max_length {self.max_length} leaves no room "
+                                 "for BOS and EOS; restore the file")
         pad = _special_token(config.get("pad_token")) or EOS
+        try:
+            tok = self._build(files, source)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # json, UTF-8 and the tokenizers library's own errors: all mean a damaged file
+            raise ModelLoadError(f"{source}: the tokenizer files are damaged ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}); copy the tokenizer/ folder of "
+                                 "the model again") from None
+        self._finish(tok, pad, source)
+
+    @staticmethod
+    def _build(files: dict[str, bytes], source: str):
+        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers.models import BPE
         if "tokenizer.json" in files:
             tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         elif "vocab.json" in files and "merges.txt" in files:
@@ -80,6 +99,9 @@ class CLIPTokenizer:
         else:
             raise ModelLoadError(f"{source}: no tokenizer files (need vocab.json + merges.txt, or tokenizer.json); "
                                  "copy the tokenizer/ folder of the model")
+        return tok
+
+    def _finish(self, tok, pad: str, source: str) -> None:
         for name in (BOS, EOS, pad):
             if tok.token_to_id(name) is None:
                 raise ModelLoadError(f"{source}: token {name!r} is not in the vocabulary; the tokenizer files "
@@ -97,7 +119,10 @@ class CLIPTokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: tokenizer folder is missing; copy the tokenizer/ folder of the model")
-        files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+        try:
+            files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+        except PermissionError as e:
+            raise ModelLoadError(f"{e.filename}: permission denied; ask the folder's owner for read access") from None
         return cls(files, str(folder))
 
     def save(self, folder: str | Path) -> None:
@@ -105,6 +130,19 @@ class CLIPTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in self.files.items():
             (folder / name).write_bytes(data)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` that the vocabulary has no single token for: the model never saw them as words (they
+        still tokenize, spelled out in pieces). In order, without repeats."""
+        if not hasattr(self, "_words"):
+            byte = bytes_to_unicode()
+            self._byte, self._words = byte, set(self._tok.get_vocab())
+        out: list[str] = []
+        for word in re.findall(r"[^\W\d_]+", unicodedata.normalize("NFC", text).lower()):
+            token = "".join(self._byte[b] for b in word.encode("utf-8")) + "</w>"
+            if token not in self._words and word not in out:
+                out.append(word)
+        return out
 
     def __call__(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
@@ -116,15 +154,17 @@ class CLIPTokenizer:
             tokens = enc.ids
             if len(tokens) > L:
                 dropped = len(tokens) - L
-                log.warning("prompt %d is %d tokens long; CLIP reads %d, so the last %d were dropped: %r",
-                            i, len(tokens), L, dropped, self._tok.decode(tokens[L - 1:-1]).replace("</w>", " ").strip())
+                words = self._tok.decode(tokens[L - 1:-1]).replace("</w>", " ").split()
+                start = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
+                log.warning("prompt %d is %d tokens long; the model reads %d, so the last %d were dropped "
+                            "(%d words, starting %r)", i, len(tokens), L, dropped, len(words), start)
                 tokens = tokens[:L - 1] + [self.eos_id]
             ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
             mask[i, :len(tokens)] = 1
         return ids, mask
 
 
-def synthetic_vocab(words: list[str]) -> dict[str, bytes]:
+def synthetic_vocab(words: list[str], max_length: int = 77) -> dict[str, bytes]:
     """A small valid CLIP-style BPE vocabulary (byte alphabet + merges spelling `words`), for presets and demos."""
     alphabet = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
@@ -144,6 +184,6 @@ def synthetic_vocab(words: list[str]) -> dict[str, bytes]:
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
         "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8"),
-        "tokenizer_config.json": json.dumps({"model_max_length": 77, "pad_token": "!", "bos_token": BOS,
+        "tokenizer_config.json": json.dumps({"model_max_length": max_length, "pad_token": "!", "bos_token": BOS,
                                              "eos_token": EOS, "unk_token": EOS}).encode("utf-8"),
     }

@@ -1,0 +1,47 @@
+"""The stage table: every stage of unCLIP once, with what the rest of the project asks of it. Stage names are the
+keys everywhere (CLI words, export folders, benchmark rows). Whether a stage runs guided (at batch 2N, rows
+[unconditional; conditional]) is decided here and nowhere else."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    networks: tuple[str, ...]  # sr256 has two: Karlo's first-steps and last-step upsamplers
+    conditioning: str  # what its networks are fed
+    scheduler: str | None = None  # key of ModelSpec.schedulers: a diffusion stage
+    steps: str | None = None  # the Settings field with its step count
+    guidance: str | None = None  # the Settings field with its classifier-free guidance scale
+    feeds: tuple[str, ...] = ()  # guided stages whose unconditional rows this stage computes too
+    out_channels: int | None = None  # channels of the image it samples (the decoder adds learned variance)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("text_encoder", ("text_encoder",), "prompt tokens", feeds=("prior", "decoder")),
+    Stage("image_encoder", ("image_encoder",), "CLIP-normalised pixels"),
+    Stage("prior", ("prior",), "text embedding and tokens", "prior", "prior_steps", "prior_guidance"),
+    Stage("text_proj", ("text_proj",), "image embedding (null when unconditional) and text", feeds=("decoder",)),
+    Stage("decoder", ("decoder",), "text_proj's class embedding and context", "decoder", "decoder_steps",
+          "decoder_guidance", out_channels=3),
+    Stage("sr256", ("sr256_first", "sr256_last"), "the decoder's image, upsampled", "sr256", "sr256_steps",
+          out_channels=3),
+    Stage("sr1024", ("sr1024",), "sr256's image, upsampled", "sr1024", "sr1024_steps", out_channels=3),
+)}
+NETWORK_STAGE = {n: s.name for s in STAGES.values() for n in s.networks}
+IMAGE_STAGES = ("decoder", "sr256", "sr1024")  # the stages that make images, in order
+
+
+def can_guide(stage: str) -> bool:
+    """Whether the stage's networks may run at batch 2N (their export profile allows twice the images)."""
+    s = STAGES[stage]
+    return s.guidance is not None or bool(s.feeds)
+
+
+def guided(stage: str, settings) -> bool:
+    """Whether the stage runs guided with these settings: its own scale is not 1, or it feeds a stage that is."""
+    s = STAGES[stage]
+    if s.guidance is not None:
+        return getattr(settings, s.guidance) != 1.0
+    return any(guided(f, settings) for f in s.feeds)

@@ -1,0 +1,157 @@
+"""The Backend protocol, and opening the backend a request names (exporting its engines on first use).
+
+A backend runs networks by name on fp32 / int64 tensors on its device and returns fp32 tensors; it casts to its
+compute precision itself. Its outputs are valid until its next call of the same network: whoever keeps one longer
+copies it (TensorRT and static CUDA-graph buffers work that way). Every problem a backend meets that a user can fix
+is an UnclipError with one line naming the fix.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from unclip.core.errors import BackendError, BackendUnavailable, ExportError, ExportLocked, RequestError
+from unclip.core.spec import ModelSpec
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
+PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16"),
+              "torch": ("fp32", "fp16", "bf16")}
+
+
+def export_precision(backend: str, precision: str) -> str:
+    """The precision of the ONNX graphs a backend runs: OpenVINO computes bf16 from the fp32 graphs itself."""
+    return "fp32" if backend == "openvino" else precision
+
+
+class Backend(Protocol):
+    name: str
+    spec: ModelSpec
+    device: torch.device
+
+    def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs by name, valid until the next call of `network`."""
+
+    def max_batch(self, network: str) -> int:
+        """The largest batch `network` takes (guided networks: twice the images)."""
+
+
+def failed(backend: str, network: str, e: BaseException) -> BackendError:
+    """One line for a backend's failure while running a network, the same for every backend."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return BackendError(f"the {backend} backend failed to run {network} ({first}); if it ran out of memory, try a "
+                        "smaller --max-batch or a lower --precision")
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RequestError(f"--device {device!r} is not supported (choose cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+    return dev
+
+
+def model_name(model: str) -> str:
+    return Path(model).name if os.sep in model or Path(model).exists() else model
+
+
+def default_engines(model: str, precision: str) -> Path:
+    return Path("engines") / f"{model_name(model)}-{precision}"
+
+
+def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
+    """The backend of a request (fields backend, model, engines, device, precision, max_batch): the torch networks,
+    or the engines in req.engines (default engines/<model>-<precision>), exported first where they are missing."""
+    assert req.precision in PRECISIONS[req.backend], (req.backend, req.precision)  # the Request checked it
+    device = check_device(req.device)
+    if req.backend == "torch":
+        from unclip.engine.backend_torch import TorchBackend
+        from unclip.models import resolve_model
+        mode = getattr(req, "torch_mode", "eager")
+        if mode == "cuda-graphs" and device.type != "cuda":
+            raise RequestError("--torch-mode cuda-graphs needs --device cuda (use static for the same buffers on CPU)")
+        return TorchBackend(resolve_model(req.model), device, req.precision, req.max_batch, copy=False, mode=mode)
+    precision = export_precision(req.backend, req.precision)
+    out = Path(req.engines) if req.engines else default_engines(req.model, precision)
+    fix = (f"unclip-export --model {req.model} --out {out} --precision {precision}"
+           + (" --trt" if req.backend == "tensorrt" else ""))
+    if req.backend == "onnxruntime":
+        from unclip.core.packages import require_onnxruntime
+        from unclip.engine.backend_ort import OnnxRuntimeBackend
+        require_onnxruntime()
+        ensure_export(req, out, notify)
+        b = OnnxRuntimeBackend(out, req.device, fix)
+    elif req.backend == "openvino":
+        from unclip.engine.backend_ov import OpenVINOBackend, require_openvino
+        require_openvino()
+        if device.type != "cpu":
+            raise RequestError("--backend openvino runs on the CPU here: use --device cpu")
+        ensure_export(req, out, notify)
+        b = OpenVINOBackend(out, req.precision, fix)
+    else:
+        from unclip.core.packages import require_tensorrt
+        require_tensorrt()  # first: on a machine without it, what to install is the news
+        if device.type != "cuda":
+            raise RequestError("--backend tensorrt runs on an NVIDIA GPU: add --device cuda")
+        from unclip.engine.backend_trt import TensorRTBackend
+        b = TensorRTBackend(out, req.device, fix)
+    check_export(b.manifest, out, req.model, precision, fix)
+    return b
+
+
+def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str) -> None:
+    """Refuse engines exported from another model, from this model before its weights changed, or at another
+    precision than the one asked for."""
+    from unclip.core.identity import fingerprint, source_path
+    if manifest.get("fingerprint") != fingerprint(model):
+        same = manifest.get("source_path") == source_path(model)
+        what = "an earlier version of it (its weights changed)" if same else repr(manifest.get("source_path") or
+                                                                                   manifest.get("source") or "?")
+        raise ExportError(f"{out} holds engines of {what}, not of --model {model}; pass --engines DIR for another "
+                          f"folder, or re-export here: {fix} --force")
+    exported = (manifest.get("options") or {}).get("precision")
+    if exported != precision:
+        raise ExportError(f"{out} holds {exported} engines, not {precision}; pass --precision {exported}, or "
+                          f"--engines DIR for another folder, or re-export here: {fix} --force")
+
+
+def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float = 3600) -> None:
+    """Export the model's networks into `out` unless they are all there: a first run exports, a run after an
+    interrupted export finishes it, and a run that finds another export at work waits for it."""
+    import time
+
+    from unclip.core.artifacts import export_state
+    deadline, told = time.monotonic() + wait_s, False
+    while (state := export_state(out)) != "complete":
+        if state == "broken":
+            raise ExportError(f"{out / 'manifest.json'}: its model description is unreadable; re-export: "
+                              f"unclip-export --model {req.model} --out {out} --precision "
+                              f"{export_precision(req.backend, req.precision)} --force")
+        try:
+            return _export(req, out, state, notify)
+        except ExportLocked:
+            if time.monotonic() > deadline:
+                raise
+            if not told:
+                notify(f"another export is writing {out}: waiting for it")
+                told = True
+            time.sleep(1.0)
+
+
+def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
+    from unclip.core.spec import spec_from_model
+    from unclip.engine.pipeline import final_stage
+    from unclip.export.onnx_export import export_model
+    from unclip.models import resolve_model
+    model = resolve_model(req.model)
+    if getattr(req, "settings", None) is not None:
+        final_stage(spec_from_model(model), req.settings.size)  # a size the model doesn't make: before any work
+    precision = export_precision(req.backend, req.precision)
+    notify(f"{'finishing the interrupted export' if state == 'partial' else 'no engines'} in {out}: exporting "
+           f"{req.model} ({precision}) first")
+    export_model(model, out, precision=precision, max_batch=req.max_batch, source=req.model)

@@ -1,0 +1,89 @@
+"""The `openvino` backend: the ONNX graphs of an `unclip-export` folder compiled by OpenVINO for the CPU, in fp32
+or, on CPUs with native bf16 (AVX512-BF16 / AMX), in bf16 (OpenVINO's inference precision; the graphs stay fp32).
+Outputs are the infer request's own tensors, valid until the next call of the same network."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from unclip.core.artifacts import read_manifest, verify_files
+from unclip.core.contract import Contract
+from unclip.core.errors import BackendUnavailable, ExportError
+from unclip.core.spec import ModelSpec
+from unclip.engine.backend import failed
+
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
+_NP = {"float32": np.float32, "int64": np.int64}
+
+
+def require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable("the openvino backend needs OpenVINO: pip install openvino") from None
+    return openvino
+
+
+class OpenVINOBackend:
+    name = "openvino"
+
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", fix: str | None = None, threads: int = 0):
+        ov = require_openvino()
+        self.dir = Path(export_dir)
+        self.fix = fix or f"unclip-export --out {self.dir}"
+        self.manifest = read_manifest(self.dir, self.fix)
+        try:
+            self.spec = ModelSpec.from_json(self.manifest["spec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"{self.dir / 'manifest.json'}: its model description is unreadable ({e}); "
+                              f"re-export: {self.fix} --force") from None
+        self.core = ov.Core()
+        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise BackendUnavailable("--precision bf16 with openvino needs a CPU with native bf16 (AVX512-BF16 or "
+                                     "AMX); this one has none: use --precision fp32")
+        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.device = torch.device("cpu")
+        self.requests: dict = {}
+
+    def entry(self, network: str) -> dict:
+        entry = self.manifest["networks"].get(network)
+        if entry is None:
+            raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
+        return entry
+
+    def max_batch(self, network: str) -> int:
+        return self.entry(network)["profile"][2]
+
+    def _request(self, network: str):
+        if network not in self.requests:
+            entry = self.entry(network)
+            verify_files(self.dir, entry, network, self.fix + " --force")
+            path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
+            try:
+                compiled = self.core.compile_model(str(path), "CPU", self.config)
+            except RuntimeError as e:
+                raise ExportError(f"{path}: OpenVINO can't compile it ({str(e).splitlines()[0][:200]}); re-export: "
+                                  f"{self.fix} --force") from None
+            contract = Contract.from_manifest(network, entry)
+            # a port can carry several tensor names (an output that is also an inner node's result): each of the
+            # contract's names must name one port, and the port counts must match
+            ports = [p.get_names() for p in list(compiled.inputs) + list(compiled.outputs)]
+            wanted = [t.name for t in contract.inputs + contract.outputs]
+            if len(ports) != len(wanted) or not all(any(w in names for names in ports) for w in wanted):
+                raise ExportError(f"{path}: the graph's inputs/outputs are not those of {network}; the file was "
+                                  f"replaced; re-export: {self.fix} --force")
+            self.requests[network] = (compiled.create_infer_request(), contract)
+        return self.requests[network]
+
+    def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        request, contract = self._request(network)
+        inputs = {t.name: feed[t.name].detach().cpu().numpy().astype(_NP[t.dtype], copy=False)
+                  for t in contract.inputs}
+        try:
+            request.infer(inputs)
+        except RuntimeError as e:
+            raise failed(self.name, network, e) from None
+        return {t.name: torch.from_numpy(request.get_tensor(t.name).data) for t in contract.outputs}

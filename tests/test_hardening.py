@@ -1,0 +1,342 @@
+"""Faults and bad input (issue 11): nothing lost, nothing silently wrong, no traceback. Interrupts and kills run as
+real subprocesses with signals; a full disk is injected at the write call."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from unclip.engine.cli import main
+from unclip.export.cli import main as export_main
+from unclip.models import build_preset, save_model
+
+FAST = ["--model", "tiny", "--prior-steps", "2", "--decoder-steps", "2", "--sr256-steps", "2", "--size", "64"]
+EXE = Path(sys.executable).parent
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def _ok(res):
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def _one_line_error(res, message):
+    assert res.exit_code == 1, res.output
+    assert message in res.output, res.output
+    assert "Traceback" not in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+
+
+# 1. interrupted exports -----------------------------------------------------------------------------------------
+
+def _run(args, cwd, **kw):
+    return subprocess.run([str(EXE / "unclip-run"), *args], cwd=cwd, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("sig,networks", [(signal.SIGINT, 1), (signal.SIGKILL, 3)])
+def test_a_run_after_an_interrupted_first_export_finishes_it(tmp_path, sig, networks):
+    from unclip.core.artifacts import export_state
+    engines = tmp_path / "engines" / "tiny-fp32"
+    p = subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # stop it once `networks` graphs of the automatic export are written
+        try:
+            if len(json.loads((engines / "manifest.json").read_text())["networks"]) >= networks:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    p.send_signal(sig)
+    p.communicate(timeout=60)
+    assert export_state(engines) == "partial"  # really stopped half-way
+    res = _run(["a cat", *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "finishing the interrupted export" in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout.strip().endswith(".png")
+    assert export_state(engines) == "complete"
+    assert not [p for p in engines.iterdir() if p.name.startswith(".") and p.name != ".export.lock"]
+
+
+def test_a_partial_export_is_finished_by_the_next_run(runner):
+    _ok(runner.invoke(export_main, ["--model", "tiny", "--out", "engines/tiny-fp32", "--stage", "prior"]))
+    res = _ok(runner.invoke(main, ["a cat", *FAST]))
+    assert "finishing the interrupted export" in res.stderr
+
+
+# 2. non-finite values ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,flag", [(["--eta", "nan"], "--eta"), (["--eta", "inf"], "--eta"),
+                                       (["--decoder-guidance", "nan"], "--decoder-guidance"),
+                                       (["--prior-guidance", "inf"], "--prior-guidance")])
+def test_non_finite_options_refused(runner, args, flag):
+    _one_line_error(runner.invoke(main, ["cat", *FAST, *args]), f"{flag} must be a finite number")
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    m = build_preset("tiny")
+    with torch.no_grad():
+        m.decoder.conv_out.weight.fill_(float("nan"))
+    return save_model(m, tmp_path_factory.mktemp("nan") / "nan")
+
+
+def test_nan_weights_stop_the_run_naming_the_stage(runner, nan_model):
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(nan_model), "--backend", "torch"])
+    _one_line_error(res, "the decoder stage produced NaN or inf")
+    assert not list(Path("out").glob("*.png"))
+
+
+def test_inf_outputs_are_caught_although_clipping_would_hide_them(runner, tmp_path):
+    m = build_preset("tiny")
+    with torch.no_grad():
+        m.prior.proj_to_clip_embeddings.bias.fill_(float("inf"))  # x0 = inf, clipped to +-5 by the sampler
+    folder = save_model(m, tmp_path / "inf")
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(folder), "--backend", "torch"])
+    _one_line_error(res, "the prior stage produced NaN or inf")
+
+
+def test_the_export_gate_fails_on_nan(runner, nan_model):
+    res = runner.invoke(export_main, ["--model", str(nan_model), "--out", "e", "--stage", "decoder"])
+    _one_line_error(res, "the torch module itself gives NaN or inf")
+
+
+def test_text_diff_of_texts_that_encode_the_same(runner):
+    res = runner.invoke(main, ["a cat", *FAST, "--backend", "torch", "--text-diff", "a photo", "A  PHOTO"])
+    _one_line_error(res, "the two texts encode the same")
+
+
+# 3 + 4. no link followed, nothing overwritten ----------------------------------------------------------------------
+
+def test_planted_links_are_never_followed_and_images_never_overwritten(runner, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".unclip-write-test").symlink_to(victim)
+    (out / "0-0.png").symlink_to(victim)
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]))
+    assert victim.read_text() == "precious"
+    assert res.stdout.split() == [str(Path("out") / "0-0-1.png")]
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]))
+    assert res.stdout.split() == [str(Path("out") / "0-0-2.png")]
+    (out / "0-0.png").unlink()
+    _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]))
+    first = (out / "0-0.png").read_bytes()
+    _ok(runner.invoke(main, ["dog", *FAST, "--backend", "torch", "--overwrite"]))
+    assert (out / "0-0.png").read_bytes() != first  # asked: replaced
+    assert victim.read_text() == "precious"
+
+
+def test_concurrent_runs_into_one_folder_keep_every_image(tmp_path):
+    procs = [subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    paths = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)  # the first exports the engines, the others wait for it
+    flat = [x for ps in paths for x in ps]
+    assert len(set(flat)) == 3 and all((tmp_path / x).is_file() for x in flat)
+
+
+# 5. the right model ----------------------------------------------------------------------------------------------
+
+def test_engines_of_edited_or_other_models_are_refused(runner, tmp_path):
+    folder = save_model(build_preset("tiny"), tmp_path / "m")
+    args = ["cat", *FAST, "--model", "m", "--engines", "e"]
+    _ok(runner.invoke(main, args))
+    w = folder / "decoder" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
+    w.write_bytes(bytes(data))
+    _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights changed)")
+    (tmp_path / "sub").mkdir()
+    save_model(build_preset("small"), tmp_path / "sub" / "m")  # the same relative name elsewhere
+    os.chdir(tmp_path / "sub")
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--model", "m", "--engines", str(tmp_path / "e")]),
+                    "holds engines of")
+    os.chdir(tmp_path)
+    save_model(build_preset("tiny"), tmp_path / "tiny")  # a folder named like the preset
+    _ok(runner.invoke(main, ["cat", *FAST, "--engines", "t"]))
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--model", "./tiny", "--engines", "t"]), "holds engines of")
+
+
+# 6. permissions -----------------------------------------------------------------------------------------------
+
+def test_created_files_honour_the_umask(runner, tmp_path):
+    old = os.umask(0o022)
+    try:
+        _ok(runner.invoke(main, ["cat", *FAST, "--dump", "d"]))
+        folder = save_model(build_preset("tiny"), tmp_path / "saved")
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "out" / "0-0.png", tmp_path / "engines" / "tiny-fp32" / "manifest.json",
+              tmp_path / "d" / "dump.json", folder / "decoder" / "config.json"]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+    assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "decoder").stat().st_mode & 0o777 == 0o755
+
+
+# 7. one-line errors -------------------------------------------------------------------------------------------
+
+def test_unwritable_places_and_a_full_disk(runner, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--engines", "file/e"]), "cannot write the export")
+    _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", "file/e"]), "cannot write the export")
+    res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--dump", "file/d"])
+    _one_line_error(res, "--dump file/d: cannot write there")
+    assert not list(Path("out").glob("*.png"))  # checked before any work
+    import onnx
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", "e2"]), "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)  # and while writing an image
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]), "No space left on device")
+    assert not [p for p in Path("out").iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+
+
+def test_bad_images(runner, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x the limit: a "bomb"
+    _one_line_error(runner.invoke(main, [*FAST, "--backend", "torch", "--variation", "big.png"]), "too large to decode")
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    from unclip.engine.manipulate import load_image
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 ... 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    img = np.asarray(load_image(tmp_path / "g16.png"))
+    assert img.shape == (64, 64, 3)
+    expected = np.round(ramp / 65535 * 255)
+    assert np.abs(img[..., 0].astype(int) - expected).max() <= 1  # scaled: mid-grey in the middle, not white
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "tokenizer" / "vocab.json").write_text("{not json"), "tokenizer files are damaged"),
+    (lambda f: (f / "tokenizer" / "merges.txt").write_bytes(b"\xff\xfe\x00"), "tokenizer files are damaged"),
+    (lambda f: _edit_json(f / "decoder" / "config.json", norm_num_groups="8"), "should be int"),
+    (lambda f: _edit_json(f / "decoder" / "config.json", norm_num_groups=0), "no network this engine can build"),
+    (lambda f: _edit_json(f / "decoder_scheduler" / "scheduler_config.json", num_train_timesteps=0),
+     "num_train_timesteps=0 must be"),
+])
+def test_damaged_model_folders(runner, tmp_path, damage, message):
+    folder = save_model(build_preset("tiny"), tmp_path / "m")
+    damage(folder)
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--model", str(folder), "--backend", "torch"]), message)
+
+
+def _edit_json(path: Path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _edit_manifest(change) -> None:
+    path = Path("engines/tiny-fp32/manifest.json")
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+def test_a_hand_edited_manifest_is_refused(runner):
+    _ok(runner.invoke(main, ["cat", *FAST]))
+    _edit_manifest(lambda m: m.update(spec="{broken"))
+    _one_line_error(runner.invoke(main, ["cat", *FAST]), "model description is unreadable")
+
+
+def test_a_network_missing_from_the_manifest_is_exported_again(runner):
+    _ok(runner.invoke(main, ["cat", *FAST]))
+    _edit_manifest(lambda m: m["networks"].pop("decoder"))
+    res = _ok(runner.invoke(main, ["cat", *FAST]))
+    assert "finishing the interrupted export" in res.stderr
+
+
+def test_engines_of_another_precision_are_refused(runner):
+    _ok(runner.invoke(main, ["cat", *FAST, "--engines", "e"]))
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--engines", "e", "--precision", "fp16"]),
+                    "holds fp32 engines, not fp16")
+
+
+def test_a_swapped_graph_names_the_network(runner):
+    _ok(runner.invoke(main, ["cat", *FAST]))
+    e = Path("engines/tiny-fp32")
+    m = json.loads((e / "manifest.json").read_text())
+    m["networks"]["prior"]["files"] = m["networks"]["decoder"]["files"]  # prior's entry points at decoder.onnx
+    (e / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(runner.invoke(main, ["cat", *FAST]), "are not those of prior")
+
+
+def test_stale_export_temporaries_are_cleaned(runner):
+    _ok(runner.invoke(main, ["cat", *FAST]))
+    stale = Path("engines/tiny-fp32/.decoder.abc123")
+    stale.mkdir()
+    (stale / "decoder.onnx").write_bytes(b"x" * 100)
+    _ok(runner.invoke(export_main, ["--model", "tiny", "--out", "engines/tiny-fp32", "--stage", "prior", "--force"]))
+    assert not stale.exists()
+
+
+# 10-13. bounded work, seeds and small things ----------------------------------------------------------------------
+
+def test_caps_and_ctrl_c_keeps_finished_chunks(runner, tmp_path):
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--num-images", "100000"]), "raise it with --max-images")
+    _one_line_error(runner.invoke(main, [*FAST, "--interpolate", "a", "b", "--frames", "10000"]),
+                    "--frames 10000 is over the cap")
+    _run(["x", *FAST, "--out", "warm", "--max-batch", "1"], tmp_path)  # engines of one image per call
+    p = subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST, "--num-images", "200"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").glob("*.png")) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted:" in stderr and "Traceback" not in stderr
+    kept = sorted((tmp_path / "out").glob("*.png"))
+    assert 1 <= len(kept) < 200 and [str(Path("out") / k.name) for k in kept] == sorted(stdout.split())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", str(2 ** 70)], "--seed must be in 0"), (["--seed", "-1"], "--seed must be in 0"),
+    (["--seed", str(2 ** 63 - 2), "--num-images", "3"], "--seed must be in 0"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"), (["--max-batch", "-1"], "--max-batch must be"),
+    (["--interpolate", "a", "b"], "--interpolate needs --frames N"),
+    (["--precision", "bf16"], "--precision bf16 is not available with --backend onnxruntime"),
+])
+def test_bad_values_one_line(runner, args, message):
+    res = runner.invoke(main, ["cat", *FAST, *args])
+    _one_line_error(res, message)
+    assert "exporting" not in res.output and not Path("engines").exists()  # refused before any work
+
+
+def test_fix_messages_and_warnings_and_metadata(runner, tmp_path):
+    _ok(runner.invoke(main, ["cat", *FAST]))
+    (tmp_path / "engines" / "tiny-fp32" / "prior.onnx").write_bytes(b"broken")
+    res = runner.invoke(main, ["cat", *FAST])
+    assert res.exit_code == 1 and res.output.count("--force") == 1, res.output
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--prior-guidance", "1",
+                                   "--decoder-guidance", "1", "--negative", "dog", "--sampler", "ddpm", "--eta", "0.5"]))
+    assert "--negative is not used" in res.stderr and "--eta is not used by the ddpm sampler" in res.stderr
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--interpolate", "a", "b", "--frames", "2"]))
+    assert "PROMPT is not used with --interpolate" in res.stderr
+    long = " ".join(["zebra"] * 300)
+    res = _ok(runner.invoke(main, [long, *FAST, "--backend", "torch"]))
+    assert "dropped" in res.stderr and len(res.stderr) < 2000
+    img = Image.open(res.stdout.split()[-1])
+    assert str(tmp_path) not in json.dumps(dict(img.text))  # names, not local paths
+    assert _ok(runner.invoke(main, ["--version"])).stdout.strip()

@@ -1,0 +1,83 @@
+"""The demo model's training (`unclip-train`) on the `smoke` config: every stage learns, the folder loads here and
+in diffusers, and training is deterministic for a seed, also when stopped and resumed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from unclip.demo import stages as st
+from unclip.demo import train as tr
+from unclip.models import load_model
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return tr.train(tmp_path_factory.mktemp("t") / "m", "smoke", seed=0, echo=_quiet)
+
+
+def test_every_stage_learns_and_the_folder_loads(smoke):
+    state = json.loads((smoke / "training.json").read_text())
+    assert list(state["stages"]) == list(st.STAGES)
+    for name, figures in state["stages"].items():
+        # the same fixed held-out batches before and after training
+        assert figures["loss_after"] < figures["loss_before"], (name, figures)
+    model = load_model(smoke)
+    assert model.decoder.config.sample_size == 32 and model.sr1024.config.sample_size == 512
+    assert model.prior.clip_std.abs().min() > 0  # the normalisation statistics came from the data
+    assert all(v.dtype == torch.float16 for v in load_file(smoke / "decoder" / "diffusion_pytorch_model.safetensors")
+               .values())
+    assert torch.equal(model.sr256_first.conv_in.weight, model.sr256_last.conv_in.weight)  # one network, both steps
+
+
+def test_diffusers_reads_the_stages_it_has(smoke):
+    pytest.importorskip("diffusers")
+    from diffusers import UnCLIPPipeline
+    from refs import text_proj_class
+    text_proj_class()
+    pipe = UnCLIPPipeline.from_pretrained(str(smoke), torch_dtype=torch.float32)  # the folder holds fp16 weights
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.decoder_scheduler.config.prediction_type == "sample"
+    out = pipe("a red circle", prior_num_inference_steps=2, decoder_num_inference_steps=2,
+               super_res_num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 128, 128, 3)
+
+
+def _weights(folder):
+    out = {}
+    for f in sorted(folder.glob("*/*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+def test_deterministic_and_resumable(tmp_path, monkeypatch):
+    only = ("clip", "prior")
+    a = tr.train(tmp_path / "a", "smoke", seed=1, only=only, echo=_quiet)
+    b = tr.train(tmp_path / "b", "smoke", seed=1, only=only, echo=_quiet)
+    real_update = tr.Progress.update
+
+    def stop_once(self, step, loss):  # Ctrl-C in the middle of the prior, after step 17 was checkpointed
+        if self.stage == "prior" and step == 17 and not stopped:
+            stopped.append(step)
+            raise KeyboardInterrupt
+        real_update(self, step, loss)
+
+    stopped: list[int] = []
+    monkeypatch.setattr(tr.Progress, "update", stop_once)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet, checkpoint_seconds=0)
+    assert (tmp_path / "c" / "text_encoder").is_dir() and not (tmp_path / "c" / "prior").exists()
+    c = tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet)  # the same command continues
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert wa.keys() == wb.keys() == wc.keys() and any(k.startswith("prior/") for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]), k
+    d = tr.train(tmp_path / "d", "smoke", seed=2, only=("clip",), echo=_quiet)
+    assert not torch.equal(_weights(d)["text_encoder/text_model.final_layer_norm.weight"],
+                           wa["text_encoder/text_model.final_layer_norm.weight"])
