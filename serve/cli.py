@@ -1,0 +1,92 @@
+"""`unclip-serve`: parse options into a ServeConfig, start a local Ray (or join a cluster), run the application and
+serve until Ctrl-C; then shut Serve (and a Ray it started) down."""
+from __future__ import annotations
+
+import time
+
+import click
+from unclip.core.console import warnings_to_stderr
+from unclip.core.errors import UnclipError
+from unclip.engine.backend import BACKENDS
+from unclip.engine.request import TORCH_MODES
+from unclip.serve.config import STAGES, ServeConfig, StageOptions
+
+C, O = ServeConfig(), StageOptions()
+
+
+def _per_stage(values: tuple[str, ...], flag: str, kind: type) -> dict[str, object]:
+    """('decoder=2', 'sr1024=0.5') -> {'decoder': 2, 'sr1024': 0.5}; 'all=N' sets every stage."""
+    out = {}
+    for v in values:
+        stage, _, number = v.partition("=")
+        if stage not in (*STAGES, "all") or not number:
+            raise click.BadParameter(f"{v!r}: write STAGE=N with STAGE one of {', '.join(STAGES)} or all", param_hint=flag)
+        try:
+            n = kind(number)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: {number!r} is not a number", param_hint=flag) from None
+        out.update({s: n for s in STAGES} if stage == "all" else {stage: n})
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--model", default=C.model, help="model folder, or built in: demo (trained), tiny, small (random)")
+@click.option("--backend", type=click.Choice(BACKENDS), default=C.backend)
+@click.option("--engines", default=None, help="export folder [default: engines/<model>-<precision>]")
+@click.option("--device", default=C.device, help="cpu, or cuda (each replica's own GPU: give stages --num-gpus)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=C.precision)
+@click.option("--max-batch", type=int, default=C.max_batch, help="images per engine call when exporting engines")
+@click.option("--torch-mode", type=click.Choice(TORCH_MODES), default=C.torch_mode)
+@click.option("--host", default="127.0.0.1", help="address the HTTP server listens on (0.0.0.0: every interface)")
+@click.option("--port", type=int, default=8000)
+@click.option("--address", default=None, help="a Ray cluster to join (auto, or HOST:6379); default: a local Ray")
+@click.option("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (a local Ray only)")
+@click.option("--replicas", multiple=True, metavar="STAGE=N", help=f"replicas of a stage [default: {O.replicas}]")
+@click.option("--num-cpus", multiple=True, metavar="STAGE=X", help=f"CPUs per replica [default: {O.num_cpus}]")
+@click.option("--num-gpus", multiple=True, metavar="STAGE=X", help=f"GPUs per replica, fractions share one "
+              f"[default: {O.num_gpus}]")
+@click.option("--batch-wait-ms", type=float, default=C.batch_wait_s * 1000, help="how long an idle stage waits "
+              "for other requests to batch with")
+@click.option("--max-images", type=int, default=C.max_images, help="images per request")
+@click.option("--max-prompt-chars", type=int, default=C.max_prompt_chars)
+@click.option("--max-steps", type=int, default=C.max_steps, help="steps per stage")
+@click.option("--max-upload-bytes", type=int, default=C.max_upload_bytes)
+@click.option("--timeout-s", type=float, default=C.timeout_s, help="cancel requests running longer (504)")
+def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_wait_ms, **opts):
+    """Serve unCLIP over HTTP on Ray Serve: POST /v1/images, POST /v1/variations, GET /healthz, docs at /docs."""
+    warnings_to_stderr()
+    per_stage = {"replicas": _per_stage(replicas, "--replicas", int),
+                 "num_cpus": _per_stage(num_cpus, "--num-cpus", float),
+                 "num_gpus": _per_stage(num_gpus, "--num-gpus", float)}
+    stages = {s: StageOptions(**{k: v[s] for k, v in per_stage.items() if s in v}) for s in STAGES}
+    try:
+        cfg = ServeConfig(batch_wait_s=batch_wait_ms / 1000, stages=stages, **opts)
+        if address is None and cfg.backend != "torch":
+            from unclip.engine.backend import open_backend
+            open_backend(cfg.backend_request(), lambda m: click.echo(m, err=True))  # export once, before replicas
+    except UnclipError as e:
+        raise click.ClickException(str(e)) from None
+    import ray
+    from ray import serve
+    from unclip.serve.app import build_app
+    local = address is None
+    ray.init(address=address, **({"_metrics_export_port": metrics_port} if local else {}))
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name="unclip", route_prefix="/")
+        click.echo(f"serving {cfg.model} ({cfg.backend}) on http://{host}:{port} (docs: /docs)"
+                   + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if local else ""), err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("shutting down", err=True)
+    finally:
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete("unclip")  # the cluster's Serve and its other applications stay
+
+
+if __name__ == "__main__":
+    main()

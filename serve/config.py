@@ -1,0 +1,84 @@
+"""The service's settings: which model and backend every stage opens, the batching wait, the request caps, and each
+stage deployment's replicas and resources. Checked once, here; each error names its command-line flag."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from unclip.core.errors import RequestError
+from unclip.engine.backend import BACKENDS, PRECISIONS
+
+STAGES = ("prior", "decoder", "sr256", "sr1024")  # one deployment each; prior holds text_encoder (+ image_encoder)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """One stage deployment: replicas and what each replica reserves (fractional GPUs share a card)."""
+    replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32  # jobs a replica holds: one batch running, the next ones queued
+
+    def ray_options(self) -> dict:
+        """Keyword arguments of Deployment.options."""
+        return {"num_replicas": self.replicas, "max_ongoing_requests": self.max_ongoing_requests,
+                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "demo"
+    backend: str = "onnxruntime"
+    engines: str | None = None  # export folder [default: engines/<model>-<precision>]
+    device: str = "cpu"  # inside each replica: with num_gpus > 0, cuda is the GPU Ray gave it
+    precision: str = "fp32"
+    max_batch: int = 4  # images per engine call when exporting engines; batches are capped by the engines' own
+    torch_mode: str = "eager"
+    batch_wait_s: float = 0.01  # how long an idle stage waits for company before it runs a batch
+    max_images: int = 8  # per request
+    max_prompt_chars: int = 1000
+    max_steps: int = 1000  # per stage
+    max_upload_bytes: int = 20 * 2 ** 20
+    timeout_s: float = 300.0  # a request still running after this is cancelled (504)
+    stages: dict[str, StageOptions] = field(default_factory=lambda: {s: StageOptions() for s in STAGES})
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise RequestError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS[self.backend]:
+            raise RequestError(f"--precision {self.precision} is not available with --backend {self.backend} "
+                               f"(choose {', '.join(PRECISIONS[self.backend])})")
+        for name in ("max_batch", "max_images", "max_prompt_chars", "max_steps", "max_upload_bytes"):
+            if getattr(self, name) < 1:
+                raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_wait_s", "timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise RequestError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise RequestError(f"unknown stage {sorted(unknown)[0]!r} (the stages: {', '.join(STAGES)})")
+        object.__setattr__(self, "stages", {s: self.stages.get(s, StageOptions()) for s in STAGES})
+        for s, o in self.stages.items():
+            if o.replicas < 1 or o.num_cpus < 0 or o.num_gpus < 0 or o.max_ongoing_requests < 1:
+                raise RequestError(f"stage {s}: replicas and max_ongoing_requests must be >= 1 and num_cpus, "
+                                   f"num_gpus >= 0, got {asdict(o)}")
+
+    def backend_request(self):
+        """The fields unclip.engine.backend.open_backend reads."""
+        from types import SimpleNamespace
+        return SimpleNamespace(backend=self.backend, model=self.model, engines=self.engines, device=self.device,
+                               precision=self.precision, max_batch=self.max_batch, torch_mode=self.torch_mode)
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeConfig":
+        """From a `serve run` config's `args:` (plain values; stages as {name: {replicas: N, ...}})."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(args) - names
+        if unknown:
+            raise RequestError(f"unknown argument {sorted(unknown)[0]!r} (known: {', '.join(sorted(names))})")
+        try:
+            stages = {s: StageOptions(**o) for s, o in (args.get("stages") or {}).items()}
+        except TypeError as e:
+            raise RequestError(f"stages: {e} (each stage takes {', '.join(f.name for f in fields(StageOptions))})")
+        return cls(**{**args, "stages": stages})

@@ -1,0 +1,279 @@
+"""unclip-serve on the tiny model: stage batches across requests keep every image bit-identical to the Python API's
+image for its seed (first without Ray, then through a local Ray Serve under concurrency), batches larger than one
+form, every bad request gets its 4xx and one-line reason, a killed replica is replaced. Ray is shut down at the end
+and no process of it is left."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from unclip.engine.backend_ort import OnnxRuntimeBackend  # noqa: E402
+from unclip.engine.backend_torch import TorchBackend  # noqa: E402
+from unclip.engine.manipulate import load_image, variation  # noqa: E402
+from unclip.engine.pipeline import Settings, encode_text, generate, to_uint8  # noqa: E402
+from unclip.export.onnx_export import export_model  # noqa: E402
+from unclip.models import build_preset  # noqa: E402
+from unclip.serve.jobs import Job, join_text, run_decoder, run_prior, run_upsampler, split_text  # noqa: E402
+
+FAST = Settings(prior_steps=3, decoder_steps=3, sr256_steps=2, size=64)  # tiny: 16 / 64 / 256 px
+STEPS = {"prior": 3, "decoder": 3, "sr256": 2}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-eng") / "tiny"
+    export_model(build_preset("tiny"), out, source="tiny")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort(engines):
+    return OnnxRuntimeBackend(engines)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def backend(request, ort):
+    return ort if request.param == "onnxruntime" else TorchBackend(build_preset("tiny"))
+
+
+def alone(b, prompt: str, s: Settings) -> torch.Tensor:
+    """The Python API's image for one seed: (H, W, 3) uint8."""
+    return generate(b, b.spec, prompt, replace(s, num_images=1)).images[0]
+
+
+# --- the stage functions, without Ray --------------------------------------------------------------------------
+
+def test_images_batched_across_requests_equal_each_alone(backend):
+    asks = [("a red circle", replace(FAST, seed=5)), ("a blue square", replace(FAST, seed=77, negative="green")),
+            ("", replace(FAST, seed=2 ** 40)), ("a red circle", replace(FAST, seed=6, size=16))]
+    jobs = [Job(s, p) for p, s in asks]
+    run_prior(backend, jobs, per_call=4)
+    run_decoder(backend, jobs, per_call=4)
+    run_upsampler(backend, "sr256", [j for j in jobs if j.settings.size == 64], per_call=4)
+    for j, (p, s) in zip(jobs, asks):
+        assert torch.equal(to_uint8(j.image)[0], alone(backend, p, s)), (backend.name, p, s.seed)
+    assert [j.batches for j in jobs[:3]] == [{"prior": 4, "decoder": 4, "sr256": 3}] * 3
+
+
+def test_settings_that_differ_run_in_separate_calls(ort):
+    jobs = [Job(replace(FAST, seed=1)), Job(replace(FAST, seed=2, decoder_guidance=1.0)), Job(replace(FAST, seed=3))]
+    run_prior(ort, jobs, per_call=4)
+    assert [j.batches["prior"] for j in jobs] == [2, 1, 2]
+    chunked = run_prior(ort, [Job(replace(FAST, seed=s)) for s in range(5)], per_call=2)  # the engines' size
+    assert [j.batches["prior"] for j in chunked] == [2, 2, 2, 2, 1]
+
+
+def test_text_rows_split_and_join_back(ort):
+    for s in (FAST, replace(FAST, prior_guidance=1.0, decoder_guidance=1.0)):
+        t = encode_text(ort, ort.spec, ["a", "b c", "d"], s, negatives=["x", "", "y"])
+        back = join_text(split_text(t), ort.device)
+        assert back.guided == t.guided and len(split_text(t)) == 3
+        for name in ("ids", "mask", "e", "H"):
+            assert torch.equal(getattr(back, name), getattr(t, name)), name
+
+
+# --- the service on a local Ray ---------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Ray's daemons and workers are children of the process that called init)."""
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parent[int(p)] = int(fields[1])
+            except OSError:
+                continue
+    out, todo = set(), [pid]
+    while todo:
+        kids = [c for c, pp in parent.items() if pp == todo.pop()]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(engines, tmp_path_factory):
+    import ray
+    from ray import serve
+    from unclip.serve.app import build_app
+    from unclip.serve.config import ServeConfig
+    port = _free_port()
+    cfg = ServeConfig(model="tiny", engines=str(engines), max_images=4, max_prompt_chars=100, max_steps=5000,
+                      max_upload_bytes=20_000, batch_wait_s=0.05, timeout_s=120)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2 ** 20,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name="unclip", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        ours = _descendants(os.getpid())
+        serve.shutdown()
+        ray.shutdown()
+        deadline = time.monotonic() + 60
+        while (left := ours & _descendants(os.getpid())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"Ray left processes behind: {sorted(left)}"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict | bytes, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        status, raw, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
+    return status, (json.loads(raw) if hdrs.get("content-type", "").startswith("application/json") else raw), hdrs
+
+
+def decoded(item: dict) -> torch.Tensor:
+    from PIL import Image
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))).convert("RGB")))
+
+
+def test_concurrent_requests_equal_the_python_api_and_share_batches(service, ort):
+    asks = [{"prompt": "a red circle", "seed": 11, "num_images": 2}, {"prompt": "a blue square", "seed": 400},
+            {"prompt": "two green triangles", "seed": 7, "negative": "red"}, {"prompt": "", "seed": 2 ** 50},
+            {"prompt": "a red circle", "seed": 90, "size": 16}, {"prompt": "a yellow star", "seed": 3}]
+    asks = [{"steps": STEPS, "size": 64, **a} for a in asks]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: post(service + "/v1/images", a), asks))
+    batches = []
+    for a, (status, body, _) in zip(asks, answers):
+        assert status == 200, body
+        assert len(body["images"]) == a.get("num_images", 1)
+        for i, item in enumerate(body["images"]):
+            s = replace(FAST, seed=a["seed"] + i, size=a["size"], negative=a.get("negative", ""))
+            assert item["seed"] == a["seed"] + i
+            assert torch.equal(decoded(item), alone(ort, a["prompt"], s)), (a, i)
+            batches += [v["batch"] for v in item["stages"].values()]
+    assert max(batches) > 1, f"no stage ran two images in one batch under concurrency: {batches}"
+
+
+def test_one_image_as_png_and_a_variation(service, ort, tmp_path):
+    from PIL import Image
+    status, png, headers = post(service + "/v1/images", {"prompt": "a cat", "seed": 4, "steps": STEPS, "size": 64},
+                                {"Accept": "image/png"})
+    assert status == 200 and headers["content-type"] == "image/png" and headers["x-unclip-seed"] == "4"
+    img = Image.open(io.BytesIO(png))
+    assert img.text["prompt"] == "a cat" and json.loads(img.text["decoder_steps"]) == 3
+    assert torch.equal(torch.from_numpy(np.asarray(img.convert("RGB"))), alone(ort, "a cat", replace(FAST, seed=4)))
+
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    params = {"seed": 21, "num_images": 2, "size": 64, "steps": {"decoder": 3, "sr256": 2}}
+    status, body, _ = post_variation(service, path.read_bytes(), params)
+    assert status == 200, body
+    for i, item in enumerate(body["images"]):
+        s = replace(FAST, seed=21 + i, num_images=1)
+        assert torch.equal(decoded(item), variation(ort, ort.spec, s, load_image(path)).images[0]), i
+
+
+def post_variation(service: str, data: bytes, params: dict):
+    boundary = "unclip-test-boundary"
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
+              "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n",
+             (f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
+              f"--{boundary}--\r\n").encode()]
+    return post(service + "/v1/variations", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+BAD = [  # (body, headers, status, words of the reason)
+    ({"seed": 1}, {}, 422, "prompt: Field required"),
+    ({"prompt": "x", "num_images": 5}, {}, 422, "num_images must be in 1 ... 4"),
+    ({"prompt": "x", "size": 100}, {}, 422, "size 100 is not an image size of model 'tiny' (its sizes: 16, 64, 256)"),
+    ({"prompt": "x" * 101}, {}, 422, "prompt is 101 characters, over this server's cap of 100"),
+    ({"prompt": "x", "negative": "y" * 101}, {}, 422, "negative is 101 characters"),
+    ({"prompt": "x", "steps": {"decoder": 0}}, {}, 422, "steps.decoder must be a whole number >= 1, got 0"),
+    ({"prompt": "x", "steps": {"decoder": 5001}}, {}, 422, "steps.decoder 5001 is over this server's cap"),
+    ({"prompt": "x", "steps": {"upsampler": 3}}, {}, 422, "steps.upsampler: Extra inputs are not permitted"),
+    ({"prompt": "x", "colour": "red"}, {}, 422, "colour: Extra inputs are not permitted"),
+    ({"prompt": "x", "sampler": "euler"}, {}, 422, "sampler 'euler' is not one of ddim, ddpm, unclip"),
+    ({"prompt": "x", "seed": -1}, {}, 422, "seed must be in 0"),
+    ({"prompt": "x", "prior_candidates": 5}, {}, 422, "prior_candidates must be in 1 ... 4"),
+    ({"prompt": "x", "eta": "much"}, {}, 422, "eta: Input should be a valid number"),
+    (b"{not json", {}, 422, "JSON decode error"),
+    ({"prompt": "x", "num_images": 2}, {"Accept": "image/png"}, 406, "Accept: image/png returns one image"),
+    ({"prompt": "x", "steps": {"prior": 1000, "decoder": 1000}, "timeout_s": 0.001}, {}, 504,
+     "ran longer than 0.001 s and was cancelled"),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,words", BAD, ids=[b[3][:30] for b in BAD])
+def test_bad_requests_get_a_4xx_and_one_line(service, body, headers, status, words):
+    got, answer, _ = post(service + "/v1/images", body, headers)
+    assert got == status and words in answer["error"] and "\n" not in answer["error"], answer
+
+
+def test_bad_uploads_and_routes(service):
+    cases = [(post_variation(service, b"this is not an image", {}), 415, "image: not a readable image"),
+             (post_variation(service, b"\0" * 20_001, {}), 413, "over this server's limit of 20000 bytes"),
+             (post_variation(service, _png(), {"steps": {"prior": 5}}), 422, "not used by variations"),
+             (post_variation(service, _png(), {"prompt": "x"}), 422, "params.prompt: Extra inputs are not permitted"),
+             (post(service + "/v2/images", {"prompt": "x"}), 404, "Not Found")]
+    for (got, answer, _), status, words in cases:
+        assert got == status and words in answer["error"] and "\n" not in answer["error"], answer
+
+
+def _png() -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health_and_docs(service):
+    with urllib.request.urlopen(service + "/healthz", timeout=60) as r:
+        assert json.loads(r.read())["stages"] == {s: "ok" for s in ("prior", "decoder", "sr256", "sr1024")}
+    with urllib.request.urlopen(service + "/openapi.json", timeout=60) as r:
+        assert {"/v1/images", "/v1/variations", "/healthz"} <= set(json.loads(r.read())["paths"])
+    with urllib.request.urlopen(service + "/docs", timeout=60) as r:
+        assert r.status == 200
+
+
+def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(service, ort):
+    import ray
+    slow = {"prompt": "a slow one", "seed": 1, "size": 16, "steps": {"prior": 5000, "decoder": 3}}
+    with ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(post, service + "/v1/images", {**slow, "seed": s}) for s in (1, 2, 3)]
+        time.sleep(1.0)  # the prior is sampling 5000 steps now (seconds on the tiny model)
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "prior" in a["name"] and
+                 "REPLICA" in a["name"].upper()]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+        answers = [f.result() for f in pending]
+    for status, body, _ in answers:
+        assert status == 503 and "prior stage's replica died" in body["error"], (status, body)
+    ask = {"prompt": "after the crash", "seed": 5, "steps": STEPS, "size": 64}
+    deadline = time.monotonic() + 120
+    while (got := post(service + "/v1/images", ask))[0] != 200 and time.monotonic() < deadline:
+        assert got[0] == 503, got
+        time.sleep(1.0)
+    assert got[0] == 200, got
+    assert torch.equal(decoded(got[1]["images"][0]), alone(ort, ask["prompt"], replace(FAST, seed=5)))
