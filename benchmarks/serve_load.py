@@ -64,7 +64,7 @@ def baseline(args, cfg) -> dict:
     """One by one (latency, images/s) and the best images/s of generate() over batch sizes 1 ... max."""
     from unclip.engine.backend import open_backend
     from unclip.engine.pipeline import generate
-    from unclip.serve.app import png_bytes
+    from unclip.serve.responses import png_bytes
     b = open_backend(cfg.backend_request(), lambda m: print(m, file=sys.stderr))
     generate(b, b.spec, PROMPTS[0], settings_of(args, 0))  # warm-up: sessions, arenas
     lat, images = [], {}
@@ -151,12 +151,12 @@ def service(args, cfg) -> list[dict]:
 
 def report(args, base: dict, runs: list[dict]) -> str:
     from PIL import Image
-    same = all(torch.equal(torch.from_numpy(np.asarray(Image.open(io.BytesIO(base64.b64decode(r["answers"][i][
+    same = all(torch.equal(torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(r["answers"][i][
         "png_base64"]))).convert("RGB"))), base["images"][i]) for r in runs for i in range(args.requests))
     best_n, best = max(base["per_batch"].items(), key=lambda kv: kv[1])
     lines = [f"Machine: {machine()}",
-             f"Model `{args.model}`, {args.backend} {args.precision}, size {args.size or 'largest'}, steps "
-             f"{args.steps}, one image per request, {args.requests} requests per row; engines' batch {args.max_batch}",
+             (f"Model `{args.model}`, {args.backend} {args.precision}, size {args.size or 'largest'}, steps "
+             f"{args.steps}, one image per request, {args.requests} requests per row; engines' batch {args.max_batch}"),
              "",
              "| run | clients | images/s | p50 s | p95 s | p99 s | batch sizes run (stage: size x count) |",
              "|---|---|---|---|---|---|---|"]
@@ -170,8 +170,8 @@ def report(args, base: dict, runs: list[dict]) -> str:
                           for s, cnt in r["batches"].items())
         lines.append(f"| service | {r['clients']} | {r['images_per_s']:.3f} | {percentile(r['latency'], 50):.3f} | "
                      f"{percentile(r['latency'], 95):.3f} | {percentile(r['latency'], 99):.3f} | {sizes} |")
-    lines += ["", f"Python API's best: {best:.3f} images/s at batch {best_n}. Service images equal the Python API's "
-              f"for every seed: {'yes' if same else 'NO'}."]
+    lines += ["", (f"Python API's best: {best:.3f} images/s at batch {best_n}. Service images equal the Python API's "
+              f"for every seed: {'yes' if same else 'NO'}.")]
     for r in runs:
         if r["clients"] == 1:
             ratio = statistics.median(r["latency"]) / statistics.median(lat)
@@ -212,7 +212,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.md").write_text(text)
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("answers", "images")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("answers", "images")}
     (out / "serve_load.json").write_text(json.dumps({"baseline": strip(base), "service": [strip(r) for r in runs],
                                                      "machine": machine(), "args": vars(args)}, indent=1, default=str))
 

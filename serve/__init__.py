@@ -6,5 +6,7 @@
     schema.py   request bodies -> Settings, checked at the edge
     errors.py   stage failures and uploads -> one-line HTTP errors
     app.py      the FastAPI ingress, build_app(cfg), app_builder(args) for `serve run`
+    responses.py  the answers: JSON with base64 PNGs, or one image/png
+    config.yaml a `serve run` config for a cluster
     cli.py      unclip-serve
 """

@@ -4,30 +4,34 @@
 A request is validated here, once, then split into one job per image (seed + i); each job goes through the stage
 deployments (prior -> decoder -> sr256 -> sr1024, up to its size) on its own, so jobs of concurrent requests meet
 in the stages' batches. Routes: POST /v1/images, POST /v1/variations, GET /healthz; OpenAPI docs at /docs."""
-from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import json
 import math
 import time
 from dataclasses import asdict
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 from unclip.core.spec import ModelSpec
 from unclip.engine.backend import model_name
-from unclip.engine.pipeline import image_sizes, to_uint8
+from unclip.engine.pipeline import image_sizes
 from unclip.serve.config import STAGES, ServeConfig
 from unclip.serve.errors import read_upload, stage_failure
 from unclip.serve.jobs import Job
-from unclip.serve.schema import Fail, ImagesRequest, VariationRequest, per_image, settings_of, warnings
+from unclip.serve.responses import respond, wants_png
+from unclip.serve.schema import (
+    Fail,
+    ImagesRequest,
+    VariationRequest,
+    per_image,
+    settings_of,
+    warnings,
+)
 from unclip.serve.stages import SECONDS_BUCKETS, StageReplica
 
 api = FastAPI(title="unCLIP", version="1", description="Text-to-image (unCLIP / DALL-E 2) on Ray Serve: each image "
@@ -129,7 +133,7 @@ class Ingress:
         try:
             spec = await self._model()
             s = settings_of(body, self.cfg, spec, self.per_call)
-            png = _wants_png(request, s.num_images)
+            png = wants_png(request, s.num_images)
             timeout = min(body.timeout_s or math.inf, self.cfg.timeout_s)
             done = await self._run(start, s, timeout)
             params = {**extra, "seed": s.seed, "model": model_name(self.cfg.model), "backend": self.cfg.backend,
@@ -138,7 +142,7 @@ class Ingress:
             if "variation" in extra:
                 params.pop("negative")
             status = 200
-            return _respond(done, params, warnings(body, s, spec), png)
+            return respond(done, params, warnings(body, s, spec), png)
         except Fail as e:
             status = e.status
             raise
@@ -190,39 +194,6 @@ class Ingress:
             raise stage_failure(stage, e) from None
         inflight.discard(resp)  # kept while running: a timeout cancels it
         return out
-
-
-def _wants_png(request: Request, n: int) -> bool:
-    accept = request.headers.get("accept", "")
-    if "image/png" not in accept or "application/json" in accept:
-        return False
-    if n != 1:
-        raise Fail(406, f"Accept: image/png returns one image; this request asks for {n} (num_images): ask for 1, "
-                        "or accept application/json")
-    return True
-
-
-def png_bytes(image, params: dict) -> bytes:
-    """(H, W, 3) uint8 -> PNG with every parameter as a tEXt chunk, as unclip-run writes them."""
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for k, v in params.items():
-        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
-    buf = io.BytesIO()
-    Image.fromarray(image.numpy()).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def _respond(jobs: list[Job], params: dict, notes: list[str], png: bool):
-    pngs = [png_bytes(to_uint8(j.image)[0], {**params, "image_index": i}) for i, j in enumerate(jobs)]
-    if png:
-        batches = ",".join(f"{k}={v}" for k, v in jobs[0].batches.items())
-        return Response(pngs[0], media_type="image/png", headers={"X-Unclip-Seed": str(jobs[0].settings.seed),
-                                                                  "X-Unclip-Batches": batches})
-    images = [{"index": i, "seed": j.settings.seed, "png_base64": base64.b64encode(p).decode(),
-               "stages": {k: {"batch": j.batches[k], "seconds": round(j.seconds[k], 4)} for k in j.batches}}
-              for i, (j, p) in enumerate(zip(jobs, pngs))]
-    return JSONResponse({"parameters": params, "warnings": notes, "images": images})
 
 
 def build_app(cfg: ServeConfig):

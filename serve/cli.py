@@ -2,6 +2,7 @@
 serve until Ctrl-C; then shut Serve (and a Ray it started) down."""
 from __future__ import annotations
 
+import signal
 import time
 
 import click
@@ -27,6 +28,22 @@ def _per_stage(values: tuple[str, ...], flag: str, kind: type) -> dict[str, obje
             raise click.BadParameter(f"{v!r}: {number!r} is not a number", param_hint=flag) from None
         out.update({s: n for s in STAGES} if stage == "all" else {stage: n})
     return out
+
+
+def _check_port(host: str, port: int, flag: str) -> None:
+    import socket
+    if not 1 <= port <= 65535:
+        raise UnclipError(f"{flag} {port} is not a TCP port (1 ... 65535)")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UnclipError(f"{flag} {port}: can't listen on {host}:{port} ({e.strerror}); choose another "
+                              f"{flag}") from None
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -61,9 +78,12 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     stages = {s: StageOptions(**{k: v[s] for k, v in per_stage.items() if s in v}) for s in STAGES}
     try:
         cfg = ServeConfig(batch_wait_s=batch_wait_ms / 1000, stages=stages, **opts)
-        if address is None and cfg.backend != "torch":
+        _check_port(host, port, "--port")
+        if address is None:
+            _check_port("127.0.0.1", metrics_port, "--metrics-port")
             from unclip.engine.backend import open_backend
-            open_backend(cfg.backend_request(), lambda m: click.echo(m, err=True))  # export once, before replicas
+            # the model and engines are checked (and exported, once) here, not in four replicas' logs
+            open_backend(cfg.backend_request(), lambda m: click.echo(m, err=True))
     except UnclipError as e:
         raise click.ClickException(str(e)) from None
     import ray
@@ -71,9 +91,16 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     from unclip.serve.app import build_app
     local = address is None
     ray.init(address=address, **({"_metrics_export_port": metrics_port} if local else {}))
+    # after ray.init, which installs its own (aborting) handler: `kill` and service managers stop the service as
+    # Ctrl-C does, shutting Ray down
+    signal.signal(signal.SIGTERM, _stop)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg), name="unclip", route_prefix="/")
+        try:
+            serve.run(build_app(cfg), name="unclip", route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start: Ray's message names the deployment
+            raise click.ClickException(f"the service did not start: {str(e).splitlines()[0][:300]} (the replicas' "
+                                       "logs are under /tmp/ray/session_latest/logs/serve)") from None
         click.echo(f"serving {cfg.model} ({cfg.backend}) on http://{host}:{port} (docs: /docs)"
                    + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if local else ""), err=True)
         while True:
@@ -81,6 +108,8 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     except KeyboardInterrupt:
         click.echo("shutting down", err=True)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave Ray's processes behind
+            signal.signal(sig, signal.SIG_IGN)
         if local:
             serve.shutdown()
             ray.shutdown()

@@ -57,7 +57,7 @@ class ServeConfig:
                 raise RequestError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         unknown = set(self.stages) - set(STAGES)
         if unknown:
-            raise RequestError(f"unknown stage {sorted(unknown)[0]!r} (the stages: {', '.join(STAGES)})")
+            raise RequestError(f"unknown stage {min(unknown)!r} (the stages: {', '.join(STAGES)})")
         object.__setattr__(self, "stages", {s: self.stages.get(s, StageOptions()) for s in STAGES})
         for s, o in self.stages.items():
             if o.replicas < 1 or o.num_cpus < 0 or o.num_gpus < 0 or o.max_ongoing_requests < 1:
@@ -71,12 +71,12 @@ class ServeConfig:
                                precision=self.precision, max_batch=self.max_batch, torch_mode=self.torch_mode)
 
     @classmethod
-    def from_args(cls, args: dict) -> "ServeConfig":
+    def from_args(cls, args: dict) -> ServeConfig:
         """From a `serve run` config's `args:` (plain values; stages as {name: {replicas: N, ...}})."""
         names = {f.name for f in fields(cls)}
         unknown = set(args) - names
         if unknown:
-            raise RequestError(f"unknown argument {sorted(unknown)[0]!r} (known: {', '.join(sorted(names))})")
+            raise RequestError(f"unknown argument {min(unknown)!r} (known: {', '.join(sorted(names))})")
         try:
             stages = {s: StageOptions(**o) for s, o in (args.get("stages") or {}).items()}
         except TypeError as e:

@@ -4,7 +4,11 @@ from __future__ import annotations
 import io
 
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from unclip.core.errors import RequestError, UnclipError
 from unclip.engine.manipulate import ImageInputError, load_image
 from unclip.serve.schema import Fail

@@ -8,13 +8,22 @@ Jobs batch together when their settings match apart from seed, negative prompt a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from unclip.core.errors import UnclipError
 from unclip.core.stages import IMAGE_STAGES
-from unclip.engine.pipeline import Noise, Settings, Text, decode, encode_text, final_stage, sample_prior, upsample_stage
+from unclip.engine.pipeline import (
+    Noise,
+    Settings,
+    Text,
+    decode,
+    encode_text,
+    final_stage,
+    sample_prior,
+    upsample_stage,
+)
 
 
 @dataclass

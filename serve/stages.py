@@ -16,7 +16,13 @@ from ray.serve.metrics import Counter, Histogram
 from unclip.engine.backend import open_backend
 from unclip.engine.pipeline import images_per_call
 from unclip.serve.config import ServeConfig
-from unclip.serve.jobs import Job, run_decoder, run_prior, run_upsampler, start_variation
+from unclip.serve.jobs import (
+    Job,
+    run_decoder,
+    run_prior,
+    run_upsampler,
+    start_variation,
+)
 
 log = logging.getLogger(__name__)
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]

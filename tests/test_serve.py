@@ -22,13 +22,20 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
-from unclip.engine.backend_ort import OnnxRuntimeBackend  # noqa: E402
-from unclip.engine.backend_torch import TorchBackend  # noqa: E402
-from unclip.engine.manipulate import load_image, variation  # noqa: E402
-from unclip.engine.pipeline import Settings, encode_text, generate, to_uint8  # noqa: E402
-from unclip.export.onnx_export import export_model  # noqa: E402
-from unclip.models import build_preset  # noqa: E402
-from unclip.serve.jobs import Job, join_text, run_decoder, run_prior, run_upsampler, split_text  # noqa: E402
+from unclip.engine.backend_ort import OnnxRuntimeBackend
+from unclip.engine.backend_torch import TorchBackend
+from unclip.engine.manipulate import load_image, variation
+from unclip.engine.pipeline import Settings, encode_text, generate, to_uint8
+from unclip.export.onnx_export import export_model
+from unclip.models import build_preset
+from unclip.serve.jobs import (
+    Job,
+    join_text,
+    run_decoder,
+    run_prior,
+    run_upsampler,
+    split_text,
+)
 
 FAST = Settings(prior_steps=3, decoder_steps=3, sr256_steps=2, size=64)  # tiny: 16 / 64 / 256 px
 STEPS = {"prior": 3, "decoder": 3, "sr256": 2}
@@ -103,7 +110,8 @@ def _descendants(pid: int) -> set[int]:
                 continue
     out, todo = set(), [pid]
     while todo:
-        kids = [c for c, pp in parent.items() if pp == todo.pop()]
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
         out.update(kids)
         todo.extend(kids)
     return out
@@ -115,15 +123,15 @@ def service(engines, tmp_path_factory):
     from ray import serve
     from unclip.serve.app import build_app
     from unclip.serve.config import ServeConfig
-    port = _free_port()
+    port, metrics = _free_port(), _free_port()
     cfg = ServeConfig(model="tiny", engines=str(engines), max_images=4, max_prompt_chars=100, max_steps=5000,
                       max_upload_bytes=20_000, batch_wait_s=0.05, timeout_s=120)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2 ** 20,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), _metrics_export_port=metrics)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name="unclip", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"
     finally:
         ours = _descendants(os.getpid())
         serve.shutdown()
@@ -132,6 +140,11 @@ def service(engines, tmp_path_factory):
         while (left := ours & _descendants(os.getpid())) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"Ray left processes behind: {sorted(left)}"
+
+
+@pytest.fixture
+def url(service):
+    return service[0]
 
 
 def _free_port() -> int:
@@ -154,16 +167,16 @@ def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int
 
 def decoded(item: dict) -> torch.Tensor:
     from PIL import Image
-    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))).convert("RGB")))
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))).convert("RGB")))
 
 
-def test_concurrent_requests_equal_the_python_api_and_share_batches(service, ort):
+def test_concurrent_requests_equal_the_python_api_and_share_batches(url, ort):
     asks = [{"prompt": "a red circle", "seed": 11, "num_images": 2}, {"prompt": "a blue square", "seed": 400},
             {"prompt": "two green triangles", "seed": 7, "negative": "red"}, {"prompt": "", "seed": 2 ** 50},
             {"prompt": "a red circle", "seed": 90, "size": 16}, {"prompt": "a yellow star", "seed": 3}]
     asks = [{"steps": STEPS, "size": 64, **a} for a in asks]
     with ThreadPoolExecutor(len(asks)) as pool:
-        answers = list(pool.map(lambda a: post(service + "/v1/images", a), asks))
+        answers = list(pool.map(lambda a: post(url + "/v1/images", a), asks))
     batches = []
     for a, (status, body, _) in zip(asks, answers):
         assert status == 200, body
@@ -176,32 +189,68 @@ def test_concurrent_requests_equal_the_python_api_and_share_batches(service, ort
     assert max(batches) > 1, f"no stage ran two images in one batch under concurrency: {batches}"
 
 
-def test_one_image_as_png_and_a_variation(service, ort, tmp_path):
+def test_prometheus_metrics_show_the_batches_and_requests(service):
+    """Ray's Prometheus endpoint: per stage, images per batch (a batch of more than one ran under the concurrency of
+    the test above), seconds per batch; requests by route and status."""
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        with urllib.request.urlopen(service[1], timeout=30) as r:
+            text = r.read().decode()
+        series = _series(text)
+        if series.get(("ray_unclip_requests_total", "/v1/images", "200")) and all(
+                ("ray_unclip_stage_batch_images_count", st) in series for st in ("prior", "decoder", "sr256")):
+            break
+        time.sleep(2)
+    assert series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6, sorted(series)[:20]
+    larger = [st for st in ("prior", "decoder", "sr256")
+              if series[("ray_unclip_stage_batch_images_sum", st)] > series[("ray_unclip_stage_batch_images_count", st)]]
+    assert larger, {k: v for k, v in series.items() if "batch_images" in k[0]}
+    assert series[("ray_unclip_stage_batch_seconds_count", "decoder")] >= 1
+    assert series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6
+
+
+def _series(text: str) -> dict[tuple, float]:
+    """Prometheus text -> {(name, stage) or (name, route[, status]): value summed over replicas}."""
+    import re
+    out: dict[tuple, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(ray_unclip_\w+)\{(.*)\} (\S+)$", line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if "le" in labels:
+            continue
+        key = (m.group(1), *(labels[k] for k in ("stage", "route", "status") if k in labels))
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def test_one_image_as_png_and_a_variation(url, ort, tmp_path):
     from PIL import Image
-    status, png, headers = post(service + "/v1/images", {"prompt": "a cat", "seed": 4, "steps": STEPS, "size": 64},
+    status, png, headers = post(url + "/v1/images", {"prompt": "a cat", "seed": 4, "steps": STEPS, "size": 64},
                                 {"Accept": "image/png"})
     assert status == 200 and headers["content-type"] == "image/png" and headers["x-unclip-seed"] == "4"
     img = Image.open(io.BytesIO(png))
     assert img.text["prompt"] == "a cat" and json.loads(img.text["decoder_steps"]) == 3
-    assert torch.equal(torch.from_numpy(np.asarray(img.convert("RGB"))), alone(ort, "a cat", replace(FAST, seed=4)))
+    assert torch.equal(torch.from_numpy(np.array(img.convert("RGB"))), alone(ort, "a cat", replace(FAST, seed=4)))
 
     path = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
     params = {"seed": 21, "num_images": 2, "size": 64, "steps": {"decoder": 3, "sr256": 2}}
-    status, body, _ = post_variation(service, path.read_bytes(), params)
+    status, body, _ = post_variation(url, path.read_bytes(), params)
     assert status == 200, body
     for i, item in enumerate(body["images"]):
         s = replace(FAST, seed=21 + i, num_images=1)
         assert torch.equal(decoded(item), variation(ort, ort.spec, s, load_image(path)).images[0]), i
 
 
-def post_variation(service: str, data: bytes, params: dict):
+def post_variation(url: str, data: bytes, params: dict):
     boundary = "unclip-test-boundary"
     parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
               "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n",
              (f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
               f"--{boundary}--\r\n").encode()]
-    return post(service + "/v1/variations", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return post(url + "/v1/variations", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
 BAD = [  # (body, headers, status, words of the reason)
@@ -226,17 +275,17 @@ BAD = [  # (body, headers, status, words of the reason)
 
 
 @pytest.mark.parametrize("body,headers,status,words", BAD, ids=[b[3][:30] for b in BAD])
-def test_bad_requests_get_a_4xx_and_one_line(service, body, headers, status, words):
-    got, answer, _ = post(service + "/v1/images", body, headers)
+def test_bad_requests_get_a_4xx_and_one_line(url, body, headers, status, words):
+    got, answer, _ = post(url + "/v1/images", body, headers)
     assert got == status and words in answer["error"] and "\n" not in answer["error"], answer
 
 
-def test_bad_uploads_and_routes(service):
-    cases = [(post_variation(service, b"this is not an image", {}), 415, "image: not a readable image"),
-             (post_variation(service, b"\0" * 20_001, {}), 413, "over this server's limit of 20000 bytes"),
-             (post_variation(service, _png(), {"steps": {"prior": 5}}), 422, "not used by variations"),
-             (post_variation(service, _png(), {"prompt": "x"}), 422, "params.prompt: Extra inputs are not permitted"),
-             (post(service + "/v2/images", {"prompt": "x"}), 404, "Not Found")]
+def test_bad_uploads_and_routes(url):
+    cases = [(post_variation(url, b"this is not an image", {}), 415, "image: not a readable image"),
+             (post_variation(url, b"\0" * 20_001, {}), 413, "over this server's limit of 20000 bytes"),
+             (post_variation(url, _png(), {"steps": {"prior": 5}}), 422, "not used by variations"),
+             (post_variation(url, _png(), {"prompt": "x"}), 422, "params.prompt: Extra inputs are not permitted"),
+             (post(url + "/v2/images", {"prompt": "x"}), 404, "Not Found")]
     for (got, answer, _), status, words in cases:
         assert got == status and words in answer["error"] and "\n" not in answer["error"], answer
 
@@ -248,20 +297,20 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_health_and_docs(service):
-    with urllib.request.urlopen(service + "/healthz", timeout=60) as r:
+def test_health_and_docs(url):
+    with urllib.request.urlopen(url + "/healthz", timeout=60) as r:
         assert json.loads(r.read())["stages"] == {s: "ok" for s in ("prior", "decoder", "sr256", "sr1024")}
-    with urllib.request.urlopen(service + "/openapi.json", timeout=60) as r:
+    with urllib.request.urlopen(url + "/openapi.json", timeout=60) as r:
         assert {"/v1/images", "/v1/variations", "/healthz"} <= set(json.loads(r.read())["paths"])
-    with urllib.request.urlopen(service + "/docs", timeout=60) as r:
+    with urllib.request.urlopen(url + "/docs", timeout=60) as r:
         assert r.status == 200
 
 
-def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(service, ort):
+def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(url, ort):
     import ray
     slow = {"prompt": "a slow one", "seed": 1, "size": 16, "steps": {"prior": 5000, "decoder": 3}}
     with ThreadPoolExecutor(3) as pool:
-        pending = [pool.submit(post, service + "/v1/images", {**slow, "seed": s}) for s in (1, 2, 3)]
+        pending = [pool.submit(post, url + "/v1/images", {**slow, "seed": s}) for s in (1, 2, 3)]
         time.sleep(1.0)  # the prior is sampling 5000 steps now (seconds on the tiny model)
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "prior" in a["name"] and
                  "REPLICA" in a["name"].upper()]
@@ -272,7 +321,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(service, ort
         assert status == 503 and "prior stage's replica died" in body["error"], (status, body)
     ask = {"prompt": "after the crash", "seed": 5, "steps": STEPS, "size": 64}
     deadline = time.monotonic() + 120
-    while (got := post(service + "/v1/images", ask))[0] != 200 and time.monotonic() < deadline:
+    while (got := post(url + "/v1/images", ask))[0] != 200 and time.monotonic() < deadline:
         assert got[0] == 503, got
         time.sleep(1.0)
     assert got[0] == 200, got
