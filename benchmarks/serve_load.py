@@ -65,7 +65,13 @@ def baseline(args, cfg) -> dict:
     from unclip.engine.backend import open_backend
     from unclip.engine.pipeline import generate
     from unclip.serve.responses import png_bytes
+    from unclip.engine.pipeline import images_per_call
     b = open_backend(cfg.backend_request(), lambda m: print(m, file=sys.stderr))
+    args.per_call = images_per_call(b)  # the engines' images per call: the service's largest batch
+    over = [n for n in args.batches if n > args.per_call]
+    if over:
+        sys.exit(f"--batches {over}: over the engines' {args.per_call} images per call; export with a larger "
+                 "--max-batch (or a new --engines folder)")
     generate(b, b.spec, PROMPTS[0], settings_of(args, 0))  # warm-up: sessions, arenas
     lat, images = [], {}
     t_all = time.perf_counter()
@@ -96,7 +102,7 @@ def post(url: str, body: dict) -> dict:
 
 def load(url: str, args, clients: int, n: int, first: int) -> dict:
     """n requests from `clients` closed-loop client threads; request i has seed first + i."""
-    lock, nxt, lat, answers = threading.Lock(), [0], [], {}
+    lock, nxt, lat, answers, errors = threading.Lock(), [0], [], {}, []
 
     def client():
         while True:
@@ -106,7 +112,12 @@ def load(url: str, args, clients: int, n: int, first: int) -> dict:
             if i >= n:
                 return
             t = time.perf_counter()
-            a = post(url, request_body(args, first + i))
+            try:
+                a = post(url, request_body(args, first + i))
+            except OSError as e:  # an HTTP error or a dropped connection: counted, the run goes on
+                with lock:
+                    errors.append(f"request {first + i}: {e}")
+                continue
             with lock:
                 lat.append(time.perf_counter() - t)
                 answers[first + i] = a["images"][0]
@@ -118,12 +129,13 @@ def load(url: str, args, clients: int, n: int, first: int) -> dict:
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    batches = collections.defaultdict(list)
+    batches = collections.defaultdict(collections.Counter)  # stage -> {images in the call: calls}
     for a in answers.values():
         for stage, v in a["stages"].items():
-            batches[stage].append(v["batch"])
-    return {"clients": clients, "requests": n, "images_per_s": n / wall, "latency": lat, "answers": answers,
-            "batches": {s: collections.Counter(v) for s, v in batches.items()}}
+            batches[stage][v["batch"]] += 1 / v["batch"]  # each of a call's images reports the call
+    return {"clients": clients, "requests": n, "images_per_s": len(answers) / wall, "latency": lat,
+            "answers": answers, "errors": errors,
+            "batches": {s: {k: round(c) for k, c in cnt.items()} for s, cnt in batches.items()}}
 
 
 def service(args, cfg) -> list[dict]:
@@ -151,14 +163,15 @@ def service(args, cfg) -> list[dict]:
 
 def report(args, base: dict, runs: list[dict]) -> str:
     from PIL import Image
-    same = all(torch.equal(torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(r["answers"][i][
+    same = all(i in r["answers"] and torch.equal(torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(r["answers"][i][
         "png_base64"]))).convert("RGB"))), base["images"][i]) for r in runs for i in range(args.requests))
     best_n, best = max(base["per_batch"].items(), key=lambda kv: kv[1])
     lines = [f"Machine: {machine()}",
              (f"Model `{args.model}`, {args.backend} {args.precision}, size {args.size or 'largest'}, steps "
-             f"{args.steps}, one image per request, {args.requests} requests per row; engines' batch {args.max_batch}"),
+             f"{args.steps}, one image per request, {args.requests} requests per row; the engines take "
+             f"{args.per_call} images per call"),
              "",
-             "| run | clients | images/s | p50 s | p95 s | p99 s | batch sizes run (stage: size x count) |",
+             "| run | clients | images/s | p50 s | p95 s | p99 s | calls the stages ran (stage: images x calls) |",
              "|---|---|---|---|---|---|---|"]
     lat = base["latency"]
     lines.append(f"| Python API, one by one | 1 | {base['images_per_s']:.3f} | {percentile(lat, 50):.3f} | "
@@ -170,6 +183,8 @@ def report(args, base: dict, runs: list[dict]) -> str:
                           for s, cnt in r["batches"].items())
         lines.append(f"| service | {r['clients']} | {r['images_per_s']:.3f} | {percentile(r['latency'], 50):.3f} | "
                      f"{percentile(r['latency'], 95):.3f} | {percentile(r['latency'], 99):.3f} | {sizes} |")
+    lines += [f"{r['clients']} clients: {len(r['errors'])} failed requests: {r['errors'][:3]}" for r in runs
+              if r["errors"]]
     lines += ["", (f"Python API's best: {best:.3f} images/s at batch {best_n}. Service images equal the Python API's "
               f"for every seed: {'yes' if same else 'NO'}.")]
     for r in runs:

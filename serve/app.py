@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import RequestCancelledError
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 from unclip.core.spec import ModelSpec
@@ -105,46 +106,57 @@ class Ingress:
     @api.post("/v1/images")
     async def images(self, body: ImagesRequest, request: Request):
         """Images of a prompt: JSON with base64 PNGs and their parameters, or `Accept: image/png` for one image."""
+        async def parse():
+            return (body,)
+
         async def jobs(s, inflight: set):
             return [Job(si, body.prompt, body.prior_candidates) for si in per_image(s)]
-        return await self._serve("/v1/images", request, body, jobs, {"prompt": body.prompt})
+        return await self._serve("/v1/images", request, parse, jobs, {"prompt": body.prompt})
 
     @api.post("/v1/variations")
     async def variations(self, request: Request, image: UploadFile = File(..., description="PNG, JPEG or WebP"),
                          params: str = Form("{}", description="JSON: the fields of /v1/images but prompt, negative, "
                                                               "prior_candidates, steps.prior, guidance.prior")):
         """Variations of an uploaded image (its CLIP image embedding -> decoder -> upsamplers)."""
-        try:
-            body = VariationRequest.model_validate_json(params)
-        except ValidationError as e:
-            raise Fail(422, one_line(e.errors(), "params.")) from None
-        pil = read_upload(await image.read(self.cfg.max_upload_bytes + 1), self.cfg.max_upload_bytes)
-        spec = await self._model()
-        if spec.image_size is None:
-            raise Fail(422, f"model {spec.name!r} has no image encoder, so it makes no variations")
+        async def parse():
+            try:
+                body = VariationRequest.model_validate_json(params)
+            except ValidationError as e:
+                raise Fail(422, one_line(e.errors(), "params.")) from None
+            data = await image.read(self.cfg.max_upload_bytes + 1)
+            pil = await asyncio.to_thread(read_upload, data, self.cfg.max_upload_bytes)
+            spec = await self._model()
+            if spec.image_size is None:
+                raise Fail(422, f"model {spec.name!r} has no image encoder, so it makes no variations")
+            return body, pil
 
-        async def jobs(s, inflight: set):
+        async def jobs(s, inflight: set, pil):
             return await self._call("prior", "variation_jobs", inflight, pil, s, s.num_images)
         extra = {"prompt": "", "variation": image.filename or "upload", "invert": False}
-        return await self._serve("/v1/variations", request, body, jobs, extra)
+        return await self._serve("/v1/variations", request, parse, jobs, extra)
 
-    async def _serve(self, route: str, request: Request, body, start, extra: dict):
+    async def _serve(self, route: str, request: Request, parse, start, extra: dict):
         t0, status = time.perf_counter(), 500
         try:
+            body, *data = await parse()
             spec = await self._model()
             s = settings_of(body, self.cfg, spec, self.per_call)
             png = wants_png(request, s.num_images)
             timeout = min(body.timeout_s or math.inf, self.cfg.timeout_s)
-            done = await self._run(start, s, timeout)
+            done = await self._run(lambda s, inflight: start(s, inflight, *data), s, timeout)
             params = {**extra, "seed": s.seed, "model": model_name(self.cfg.model), "backend": self.cfg.backend,
                       "precision": self.cfg.precision, "size": s.size or max(image_sizes(spec)),
                       **{k: v for k, v in asdict(s).items() if k not in ("seed", "size", "num_images")}}
             if "variation" in extra:
                 params.pop("negative")
+            answer = await asyncio.to_thread(respond, done, params, warnings(body, s, spec), png)  # off the loop
             status = 200
-            return respond(done, params, warnings(body, s, spec), png)
+            return answer
         except Fail as e:
             status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
             raise
         finally:
             self.requests.inc(tags={"route": route, "status": str(status)})
@@ -180,6 +192,7 @@ class Ingress:
                 t.cancel()
             for r in inflight:
                 r.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # collected: no "exception never retrieved"
             raise
 
     async def _call(self, stage: str, method: str, inflight: set, *args):
@@ -188,8 +201,9 @@ class Ingress:
         inflight.add(resp)
         try:
             out = await resp
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, RequestCancelledError):
+            resp.cancel()  # a timeout or a client that went away: the stage drops the call if it has not started
+            raise asyncio.CancelledError from None
         except Exception as e:
             raise stage_failure(stage, e) from None
         inflight.discard(resp)  # kept while running: a timeout cancels it

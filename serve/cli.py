@@ -78,6 +78,10 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     stages = {s: StageOptions(**{k: v[s] for k, v in per_stage.items() if s in v}) for s in STAGES}
     try:
         cfg = ServeConfig(batch_wait_s=batch_wait_ms / 1000, stages=stages, **opts)
+        for s, o in cfg.stages.items():  # (a `serve run` config gives GPUs in its deployments: section instead)
+            if cfg.device.startswith("cuda") and o.num_gpus == 0:
+                raise UnclipError(f"--device {cfg.device} needs a GPU for every stage's replicas, and stage {s} "
+                                  f"asks for none: give it --num-gpus {s}=1 (or a fraction, e.g. all=0.25)")
         _check_port(host, port, "--port")
         if address is None:
             _check_port("127.0.0.1", metrics_port, "--metrics-port")

@@ -51,10 +51,10 @@ class ServeConfig:
         for name in ("max_batch", "max_images", "max_prompt_chars", "max_steps", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_wait_s", "timeout_s"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise RequestError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if not (math.isfinite(self.batch_wait_s) and self.batch_wait_s >= 0):
+            raise RequestError(f"--batch-wait-ms must be a finite number >= 0, got {self.batch_wait_s * 1000:g}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise RequestError(f"--timeout-s must be a finite number of seconds > 0, got {self.timeout_s}")
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise RequestError(f"unknown stage {min(unknown)!r} (the stages: {', '.join(STAGES)})")

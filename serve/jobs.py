@@ -4,7 +4,9 @@ jobs from different requests. No Ray here: the deployments (unclip.serve.stages)
 A job is one image of one request. Its noise comes from its own generator (seed + i), whose state the job carries
 from stage to stage, so an image is the same whether a stage ran it alone or batched with other requests' images:
 each stage calls the same pipeline function that unclip.engine.pipeline.generate calls, on the jobs' rows stacked.
-Jobs batch together when their settings match apart from seed, negative prompt and size (`Job.key`)."""
+Jobs share a stage's network calls when the settings that stage reads are the same (`Job.key(stage)`): its steps and
+guidance, the sampler and eta, and whether the text rows are guided. A call that fails is run again one job at a
+time, so one request's NaN or error stays with that request."""
 from __future__ import annotations
 
 import time
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from unclip.core.errors import UnclipError
-from unclip.core.stages import IMAGE_STAGES
+from unclip.core.stages import IMAGE_STAGES, guided
 from unclip.engine.pipeline import (
     Noise,
     Settings,
@@ -24,6 +26,9 @@ from unclip.engine.pipeline import (
     sample_prior,
     upsample_stage,
 )
+
+STAGE_SETTINGS = {"prior": ("prior_steps", "prior_guidance"), "decoder": ("decoder_steps", "decoder_guidance"),
+                  "sr256": ("sr256_steps",), "sr1024": ("sr1024_steps",)}
 
 
 @dataclass
@@ -41,10 +46,12 @@ class Job:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds that call took
     error: UnclipError | None = None  # what failed its call (the other calls of the batch go on)
 
-    @property
-    def key(self) -> Settings:
-        """Jobs with equal keys share network calls: every setting but the per-image ones is the same."""
-        return replace(self.settings, seed=0, negative="", size=None)
+    def key(self, stage: str) -> tuple:
+        """Jobs with equal keys share `stage`'s network calls: every setting that stage reads is the same."""
+        s = self.settings
+        own = tuple(getattr(s, f) for f in STAGE_SETTINGS[stage])
+        text_rows = guided("text_encoder", s) if stage in ("prior", "decoder") else None  # [uncond; cond] or [cond]
+        return (*own, s.sampler, s.eta, text_rows, self.candidates if stage == "prior" else None)
 
     def stages(self, spec) -> list[str]:
         """The image stages this job runs, decoder first (its size decides where it stops)."""
@@ -76,25 +83,30 @@ def join_text(parts: list[Text], device: torch.device) -> Text:
     return Text(stack("ids", cpu), stack("mask", device), stack("e", device), stack("H", device), guided)
 
 
-def groups(jobs: list[Job], per_call: int, key: Callable[[Job], object] = lambda j: j.key) -> list[list[Job]]:
-    """Jobs that can share network calls, in calls of at most per_call images (arrival order kept)."""
+def groups(jobs: list[Job], per_call: int, stage: str) -> list[list[Job]]:
+    """Jobs that can share `stage`'s network calls, in calls of at most per_call images (arrival order kept)."""
     by_key: dict[object, list[Job]] = {}
     for j in jobs:
-        by_key.setdefault(key(j), []).append(j)
+        by_key.setdefault(j.key(stage), []).append(j)
     return [g[i:i + per_call] for g in by_key.values() for i in range(0, len(g), per_call)]
 
 
 OnCall = Callable[[int, float], None]  # (images in the call, seconds): the deployments' metrics
 
 
-def _timed(stage: str, group: list[Job], run: Callable[[], None], on_call: OnCall | None) -> None:
-    """Run one call's worth of jobs; a user-fixable failure (NaN, a backend's error) stays with that call's jobs."""
+def _timed(stage: str, group: list[Job], run: Callable[[list[Job]], None], on_call: OnCall | None) -> None:
+    """Run one call's worth of jobs. If it fails (NaN, a backend's error, a bug), each job is run again alone, so
+    the failure stays with the jobs that cause it and the others' images are what they would be alone."""
     t = time.perf_counter()
     try:
-        run()
-    except UnclipError as e:
-        for j in group:
-            j.error = e
+        run(group)
+    except Exception as e:  # noqa: BLE001 - whatever it is, it belongs to this call's jobs, not to the whole batch
+        if len(group) > 1:
+            for j in group:
+                _timed(stage, [j], run, on_call)
+            return
+        group[0].error = e if isinstance(e, UnclipError) else UnclipError(
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}")
     dt = time.perf_counter() - t
     for j in group:
         j.batches[stage], j.seconds[stage] = len(group), dt
@@ -106,9 +118,9 @@ def run_prior(backend, jobs: list[Job], per_call: int, on_call: OnCall | None = 
     """text_encoder + prior: each job's image embedding, text rows and generator state after the prior's draws."""
     spec = backend.spec
     chunks = [c for k in sorted({j.candidates for j in jobs})  # best-of-k: k rows per image
-              for c in groups([j for j in jobs if j.candidates == k], per_call // k)]
+              for c in groups([j for j in jobs if j.candidates == k], per_call // k, "prior")]
     for group in chunks:
-        def run(group=group):
+        def run(group):
             s = group[0].settings
             noise = Noise.from_seeds([j.settings.seed for j in group], backend.device)
             text = encode_text(backend, spec, [j.prompt for j in group], s,
@@ -120,23 +132,26 @@ def run_prior(backend, jobs: list[Job], per_call: int, on_call: OnCall | None = 
     return jobs
 
 
-def start_variation(z: torch.Tensor, text: Text, settings: Settings) -> list[Job]:
+def start_variation(z: torch.Tensor, texts: list[Text], settings: Settings) -> list[Job]:
     """The jobs of a variation request (manipulate.variation's data flow): the image's embedding z (N, D) and the
-    empty prompt's text rows, generators fresh from seed + i (no prior draws)."""
+    empty prompt's text rows (encoded in chunks), generators fresh from seed + i (no prior draws)."""
+    rows = [t for text in texts for t in split_text(text)]
     return [Job(replace(settings, seed=settings.seed + i, num_images=1), z=z_i.clone(), text=t_i,
                 state=torch.Generator().manual_seed(settings.seed + i).get_state())
-            for i, (z_i, t_i) in enumerate(zip(z.cpu().split(1), split_text(text)))]
+            for i, (z_i, t_i) in enumerate(zip(z.cpu().split(1), rows))]
 
 
 def run_decoder(backend, jobs: list[Job], per_call: int, on_call: OnCall | None = None) -> list[Job]:
     """text_proj + decoder: each job's decoder image (clamped to [-1, 1]) and generator state."""
     spec, dev = backend.spec, backend.device
-    for group in groups(jobs, per_call):
-        def run(group=group):
+    for group in groups([j for j in jobs if j.error is None], per_call, "decoder"):
+        def run(group):
             noise = _noise(group, dev)
             z = torch.cat([j.z for j in group]).to(dev)
             x, _ = decode(backend, spec, group[0].settings, z, join_text([j.text for j in group], dev), noise)
             _keep(group, x, noise)
+            for j in group:  # the upsamplers read only the image: less to carry between replicas
+                j.z = j.text = None
         _timed("decoder", group, run, on_call)
     return jobs
 
@@ -145,8 +160,8 @@ def run_upsampler(backend, stage: str, jobs: list[Job], per_call: int,
                   on_call: OnCall | None = None) -> list[Job]:
     """sr256 or sr1024: each job's image at the stage's size, and generator state."""
     spec, dev = backend.spec, backend.device
-    for group in groups(jobs, per_call):
-        def run(group=group):
+    for group in groups([j for j in jobs if j.error is None], per_call, stage):
+        def run(group):
             noise = _noise(group, dev)
             low = torch.cat([j.image for j in group]).to(dev)
             x, _ = upsample_stage(backend, spec, group[0].settings, stage, low, noise)

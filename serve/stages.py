@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -38,6 +39,9 @@ class StageReplica:
         self.run_batch.set_max_batch_size(self.per_call)
         self.run_batch.set_batch_wait_timeout_s(cfg.batch_wait_s)
         self.running = 0  # batches running now
+        # one thread at a time in the backend: sessions with I/O bindings, TensorRT contexts and static buffers are
+        # not thread-safe (a variation's embedding and a batch of the prior would otherwise interleave)
+        self.lock = threading.Lock()
         self.idle = asyncio.Condition()
         self.batch_images = Histogram("unclip_stage_batch_images", "images per network call batch, per stage",
                                       BATCH_BUCKETS, tag_keys=("stage",))
@@ -75,6 +79,10 @@ class StageReplica:
                 self.images.inc(n)
 
     def _compute(self, jobs: list[Job], on_call) -> list[Job]:
+        with self.lock:
+            return self._stage(jobs, on_call)
+
+    def _stage(self, jobs: list[Job], on_call) -> list[Job]:
         if self.stage == "prior":
             return run_prior(self.backend, jobs, self.per_call, on_call)
         if self.stage == "decoder":
@@ -86,6 +94,10 @@ class StageReplica:
         from unclip.engine.manipulate import empty_text, image_embedding
 
         def embed():
-            z = image_embedding(self.backend, self.backend.spec, image).expand(n, -1)  # (N, D)
-            return start_variation(z, empty_text(self.backend, self.backend.spec, settings, n), settings)
+            with self.lock:
+                z = image_embedding(self.backend, self.backend.spec, image)  # (1, D)
+                # the empty prompt's rows in calls of at most the engines' images per call, as unclip-run chunks
+                texts = [empty_text(self.backend, self.backend.spec, settings, min(self.per_call, n - i))
+                         for i in range(0, n, self.per_call)]
+            return start_variation(z.expand(n, -1), texts, settings)
         return await asyncio.to_thread(embed)

@@ -77,12 +77,37 @@ def test_images_batched_across_requests_equal_each_alone(backend):
     assert [j.batches for j in jobs[:3]] == [{"prior": 4, "decoder": 4, "sr256": 3}] * 3
 
 
-def test_settings_that_differ_run_in_separate_calls(ort):
-    jobs = [Job(replace(FAST, seed=1)), Job(replace(FAST, seed=2, decoder_guidance=1.0)), Job(replace(FAST, seed=3))]
+def test_jobs_share_the_calls_of_the_stages_whose_settings_match(ort):
+    """Each stage batches the jobs whose settings it reads are the same; the images stay each one's image alone."""
+    asks = [replace(FAST, seed=1), replace(FAST, seed=2, decoder_guidance=1.0), replace(FAST, seed=3),
+            replace(FAST, seed=4, prior_guidance=1.0, decoder_guidance=1.0),  # unguided text rows: a call of its own
+            replace(FAST, seed=5, sr256_steps=3)]
+    jobs = [Job(s, "a red circle") for s in asks]
     run_prior(ort, jobs, per_call=4)
-    assert [j.batches["prior"] for j in jobs] == [2, 1, 2]
+    run_decoder(ort, jobs, per_call=4)
+    run_upsampler(ort, "sr256", jobs, per_call=4)
+    assert [j.batches for j in jobs] == [{"prior": 4, "decoder": 3, "sr256": 4}, {"prior": 4, "decoder": 1, "sr256": 4},
+                                         {"prior": 4, "decoder": 3, "sr256": 4}, {"prior": 1, "decoder": 1, "sr256": 4},
+                                         {"prior": 4, "decoder": 3, "sr256": 1}]
+    for j, s in zip(jobs, asks):
+        assert torch.equal(to_uint8(j.image)[0], alone(ort, "a red circle", s)), s
     chunked = run_prior(ort, [Job(replace(FAST, seed=s)) for s in range(5)], per_call=2)  # the engines' size
     assert [j.batches["prior"] for j in chunked] == [2, 2, 2, 2, 1]
+
+
+def test_a_failing_call_is_run_again_job_by_job(ort):
+    """One request's failure (a NaN image embedding here) stays with its job; the others' images are exact."""
+    jobs = [Job(replace(FAST, seed=s), "a red circle") for s in (12, 13, 14)]
+    run_prior(ort, jobs, per_call=4)
+    jobs[1].z = torch.full_like(jobs[1].z, float("nan"))
+    calls = []
+    run_decoder(ort, jobs, per_call=4, on_call=lambda n, _: calls.append(n))
+    assert calls == [1, 1, 1], calls  # the batch of 3 failed (not counted), then each alone
+    assert jobs[1].error is not None and "decoder" in str(jobs[1].error) and jobs[1].image is None
+    run_upsampler(ort, "sr256", jobs, per_call=4)
+    assert jobs[0].batches["sr256"] == 2 and "sr256" not in jobs[1].batches
+    for j in (jobs[0], jobs[2]):
+        assert j.error is None and torch.equal(to_uint8(j.image)[0], alone(ort, "a red circle", j.settings))
 
 
 def test_text_rows_split_and_join_back(ort):
@@ -185,8 +210,9 @@ def test_concurrent_requests_equal_the_python_api_and_share_batches(url, ort):
             s = replace(FAST, seed=a["seed"] + i, size=a["size"], negative=a.get("negative", ""))
             assert item["seed"] == a["seed"] + i
             assert torch.equal(decoded(item), alone(ort, a["prompt"], s)), (a, i)
-            batches += [v["batch"] for v in item["stages"].values()]
-    assert max(batches) > 1, f"no stage ran two images in one batch under concurrency: {batches}"
+            if a.get("num_images", 1) == 1:  # a batch > 1 holding a one-image request: across requests
+                batches += [v["batch"] for v in item["stages"].values()]
+    assert max(batches) > 1, f"no stage ran two requests' images in one batch under concurrency: {batches}"
 
 
 def test_prometheus_metrics_show_the_batches_and_requests(service):

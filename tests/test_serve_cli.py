@@ -43,7 +43,9 @@ def _free_port() -> int:
     (["--num-gpus", "decoder=half"], "'half' is not a number"),
     (["--port", "0"], "--port 0 is not a TCP port"),
     (["--max-images", "0"], "--max-images must be at least 1, got 0"),
-    (["--batch-wait-ms", "nan"], "--batch-wait-s must be a finite number >= 0"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a finite number >= 0"),
+    (["--timeout-s", "0"], "--timeout-s must be a finite number of seconds > 0"),
+    (["--device", "cuda"], "--device cuda needs a GPU for every stage's replicas, and stage prior asks for none"),
     (["--model", "/no/such/model"], "/no/such/model"),
 ])
 def test_bad_options_are_one_line_before_ray_starts(args, words, tmp_path):
