@@ -68,6 +68,8 @@ def _stop(signum, frame):
 @click.option("--max-prompt-chars", type=int, default=C.max_prompt_chars)
 @click.option("--max-steps", type=int, default=C.max_steps, help="steps per stage")
 @click.option("--max-upload-bytes", type=int, default=C.max_upload_bytes)
+@click.option("--exclusive-compute/--shared-compute", default=None, help="stages on one machine compute one at a "
+              "time (bigger batches, no split cores) [default: exclusive on cpu, shared on cuda]")
 @click.option("--timeout-s", type=float, default=C.timeout_s, help="cancel requests running longer (504)")
 def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_wait_ms, **opts):
     """Serve unCLIP over HTTP on Ray Serve: POST /v1/images, POST /v1/variations, GET /healthz, docs at /docs."""

@@ -40,6 +40,9 @@ class ServeConfig:
     max_steps: int = 1000  # per stage
     max_upload_bytes: int = 20 * 2 ** 20
     timeout_s: float = 300.0  # a request still running after this is cancelled (504)
+    # CPU: the stages of one machine compute one at a time (a lock file), so they don't split its cores between them,
+    # and the jobs that arrive meanwhile join bigger batches; None: on for device cpu, off for GPUs
+    exclusive_compute: bool | None = None
     stages: dict[str, StageOptions] = field(default_factory=lambda: {s: StageOptions() for s in STAGES})
 
     def __post_init__(self):
@@ -63,6 +66,10 @@ class ServeConfig:
             if o.replicas < 1 or o.num_cpus < 0 or o.num_gpus < 0 or o.max_ongoing_requests < 1:
                 raise RequestError(f"stage {s}: replicas and max_ongoing_requests must be >= 1 and num_cpus, "
                                    f"num_gpus >= 0, got {asdict(o)}")
+
+    @property
+    def node_lock(self) -> bool:
+        return self.device == "cpu" if self.exclusive_compute is None else self.exclusive_compute
 
     def backend_request(self):
         """The fields unclip.engine.backend.open_backend reads."""

@@ -5,11 +5,18 @@ requests with @serve.batch, up to the engines' images per call.
 Batching: a stage takes every job that queued while it was busy into its next batch, and when idle waits at most
 batch_wait_s for company. @serve.batch alone forms the next batch as soon as the current one starts, from whatever
 arrived in the wait window (often one job); so jobs wait at a gate while a batch runs and enter the queue together
-when it ends. The networks run in a worker thread: the replica keeps answering (health checks, cancellations)."""
+when it ends. On the CPU (exclusive compute), the stages of one machine also take turns through a lock file: a stage
+computes only while no other does, so they don't split the cores, and the jobs that arrive while another stage
+computes wait at the gate and run as one batch when the machine is free. The networks run in a worker thread: the
+replica keeps answering (health checks, cancellations)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
+import tempfile
 import threading
 
 from ray import serve
@@ -42,6 +49,8 @@ class StageReplica:
         # one thread at a time in the backend: sessions with I/O bindings, TensorRT contexts and static buffers are
         # not thread-safe (a variation's embedding and a batch of the prior would otherwise interleave)
         self.lock = threading.Lock()
+        self.node = _node_lock_path(cfg) if cfg.node_lock else None
+        self.polling: asyncio.Future | None = None  # one poll of the machine's lock that every waiting job shares
         self.idle = asyncio.Condition()
         self.batch_images = Histogram("unclip_stage_batch_images", "images per network call batch, per stage",
                                       BATCH_BUCKETS, tag_keys=("stage",))
@@ -58,10 +67,21 @@ class StageReplica:
     async def run(self, job: Job) -> Job:
         async with self.idle:
             await self.idle.wait_for(lambda: self.running == 0)  # join the batch that forms when this one ends
+        if self.node is not None:  # and while another stage of this machine computes, wait with the others here
+            if self.polling is None:
+                self.polling = asyncio.ensure_future(self._until_node_free())
+            await asyncio.shield(self.polling)
         job = await self.run_batch(job)
         if job.error is not None:
             raise job.error
         return job
+
+    async def _until_node_free(self) -> None:
+        try:
+            while not _node_free(self.node):
+                await asyncio.sleep(0.02)
+        finally:
+            self.polling = None
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # both set from the engines and config in __init__
     async def run_batch(self, jobs: list[Job]) -> list[Job]:
@@ -79,7 +99,7 @@ class StageReplica:
                 self.images.inc(n)
 
     def _compute(self, jobs: list[Job], on_call) -> list[Job]:
-        with self.lock:
+        with self.lock, _holding(self.node):
             return self._stage(jobs, on_call)
 
     def _stage(self, jobs: list[Job], on_call) -> list[Job]:
@@ -94,10 +114,41 @@ class StageReplica:
         from unclip.engine.manipulate import empty_text, image_embedding
 
         def embed():
-            with self.lock:
+            with self.lock, _holding(self.node):
                 z = image_embedding(self.backend, self.backend.spec, image)  # (1, D)
                 # the empty prompt's rows in calls of at most the engines' images per call, as unclip-run chunks
                 texts = [empty_text(self.backend, self.backend.spec, settings, min(self.per_call, n - i))
                          for i in range(0, n, self.per_call)]
             return start_variation(z.expand(n, -1), texts, settings)
         return await asyncio.to_thread(embed)
+
+
+def _node_lock_path(cfg: ServeConfig) -> str:
+    """The lock file that the stage replicas on one machine share (per user and device)."""
+    return os.path.join(tempfile.gettempdir(), f"unclip-serve-{os.getuid()}-{cfg.device}.lock")
+
+
+def _node_free(path: str) -> bool:
+    """Whether no stage of this machine holds its compute lock now (a non-blocking try, released at once)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _holding(path: str | None):
+    """The machine's compute lock (flock: released by the kernel if a replica dies holding it)."""
+    if path is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
