@@ -18,6 +18,17 @@ MAX_IMAGES = 1000  # per request, unless raised with --max-images: every image i
 MAX_FRAMES = 200
 
 
+def check_backend_choice(backend: str, precision: str, torch_mode: str) -> None:
+    """A backend, a precision it offers and a torch mode; each error names its command-line flag."""
+    if backend not in BACKENDS:
+        raise RequestError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS[backend]:
+        raise RequestError(f"--precision {precision} is not available with --backend {backend} "
+                           f"(choose {', '.join(PRECISIONS[backend])})")
+    if torch_mode not in TORCH_MODES:
+        raise RequestError(f"--torch-mode {torch_mode!r} is not one of {', '.join(TORCH_MODES)}")
+
+
 @dataclass(frozen=True)
 class Request:
     prompt: str | None = None
@@ -57,13 +68,7 @@ class Request:
         return len(self.prompts) if self.prompts is not None else self.settings.num_images
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise RequestError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.precision not in PRECISIONS[self.backend]:
-            raise RequestError(f"--precision {self.precision} is not available with --backend {self.backend} "
-                               f"(choose {', '.join(PRECISIONS[self.backend])})")
-        if self.torch_mode not in TORCH_MODES:
-            raise RequestError(f"--torch-mode {self.torch_mode!r} is not one of {', '.join(TORCH_MODES)}")
+        check_backend_choice(self.backend, self.precision, self.torch_mode)
         if self.max_batch < 1:
             raise RequestError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.prior_candidates < 1:
@@ -135,7 +140,7 @@ class Request:
         return [f"model {spec.name!r} has never seen these words: {', '.join(u)} (they still run, spelled out in "
                 "pieces)" for t in texts if (u := spec.tokenizer.unknown_words(t))]
 
-    def replace(self, **changes) -> "Request":
+    def replace(self, **changes) -> Request:
         return dataclasses.replace(self, **changes)
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from unclip.core.errors import RequestError
-from unclip.engine.backend import BACKENDS, PRECISIONS
+from unclip.engine.request import check_backend_choice
 
 STAGES = ("prior", "decoder", "sr256", "sr1024")  # one deployment each; prior holds text_encoder (+ image_encoder)
 
@@ -46,11 +46,7 @@ class ServeConfig:
     stages: dict[str, StageOptions] = field(default_factory=lambda: {s: StageOptions() for s in STAGES})
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise RequestError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.precision not in PRECISIONS[self.backend]:
-            raise RequestError(f"--precision {self.precision} is not available with --backend {self.backend} "
-                               f"(choose {', '.join(PRECISIONS[self.backend])})")
+        check_backend_choice(self.backend, self.precision, self.torch_mode)
         for name in ("max_batch", "max_images", "max_prompt_chars", "max_steps", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise RequestError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

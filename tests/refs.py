@@ -19,7 +19,7 @@ def text_proj_class():
     except ImportError:
         from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
     if not hasattr(diffusers, "UnCLIPTextProjModel"):
-        setattr(diffusers, "UnCLIPTextProjModel", UnCLIPTextProjModel)
+        diffusers.UnCLIPTextProjModel = UnCLIPTextProjModel
     return UnCLIPTextProjModel
 
 
@@ -124,7 +124,12 @@ CONFIGS = {
 
 def reference_components(name: str, vocab_dir: Path, seed: int = 0) -> dict:
     """diffusers/transformers modules of one CONFIGS family, randomised; keys as UnCLIPPipeline's components."""
-    from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        PriorTransformer,
+        UnCLIPScheduler,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
@@ -204,3 +209,35 @@ class ReusingBackend:
             view.copy_(value)
             out[name] = view
         return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live (not zombie) process below `pid`, read from /proc (Ray's daemons and workers are children of the
+    process that started it)."""
+    import os
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parent[int(p)] = int(fields[1])
+            except OSError:
+                continue
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

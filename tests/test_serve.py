@@ -22,6 +22,7 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
+from refs import descendants, free_port
 from unclip.engine.backend_ort import OnnxRuntimeBackend
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.manipulate import load_image, variation
@@ -121,34 +122,13 @@ def test_text_rows_split_and_join_back(ort):
 
 # --- the service on a local Ray ---------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Ray's daemons and workers are children of the process that called init)."""
-    parent = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[0] != "Z":
-                    parent[int(p)] = int(fields[1])
-            except OSError:
-                continue
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out.update(kids)
-        todo.extend(kids)
-    return out
-
-
 @pytest.fixture(scope="module")
 def service(engines, tmp_path_factory):
     import ray
     from ray import serve
     from unclip.serve.app import build_app
     from unclip.serve.config import ServeConfig
-    port, metrics = _free_port(), _free_port()
+    port, metrics = free_port(), free_port()
     cfg = ServeConfig(model="tiny", engines=str(engines), max_images=4, max_prompt_chars=100, max_steps=5000,
                       max_upload_bytes=20_000, batch_wait_s=0.05, timeout_s=120)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2 ** 20,
@@ -158,11 +138,11 @@ def service(engines, tmp_path_factory):
         serve.run(build_app(cfg), name="unclip", route_prefix="/")
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"
     finally:
-        ours = _descendants(os.getpid())
+        ours = descendants(os.getpid())
         serve.shutdown()
         ray.shutdown()
         deadline = time.monotonic() + 60
-        while (left := ours & _descendants(os.getpid())) and time.monotonic() < deadline:
+        while (left := ours & descendants(os.getpid())) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"Ray left processes behind: {sorted(left)}"
 
@@ -170,13 +150,6 @@ def service(engines, tmp_path_factory):
 @pytest.fixture
 def url(service):
     return service[0]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict | bytes, dict]:

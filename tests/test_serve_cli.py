@@ -22,20 +22,15 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
-from click.testing import CliRunner  # noqa: E402
-from unclip.engine.backend_torch import TorchBackend  # noqa: E402
-from unclip.engine.pipeline import Settings, generate  # noqa: E402
-from unclip.models import build_preset  # noqa: E402
-from unclip.serve.cli import main  # noqa: E402
+from click.testing import CliRunner
+from refs import descendants, free_port
+from unclip.engine.backend_torch import TorchBackend
+from unclip.engine.pipeline import Settings, generate
+from unclip.models import build_preset
+from unclip.serve.cli import main
 
 EXE = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args,words", [
@@ -63,26 +58,6 @@ def test_a_port_in_use_is_named(tmp_path):
     assert r.exit_code == 1 and f"--port {port}: can't listen on 127.0.0.1:{port}" in r.output, r.output
 
 
-def _children(pid: int) -> set[int]:
-    parent = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[0] != "Z":
-                    parent[int(p)] = int(fields[1])
-            except OSError:
-                continue
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out.update(kids)
-        todo.extend(kids)
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,7 +69,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("stop", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["SIGTERM", "SIGINT"])
 def test_the_readme_command_serves_and_stops_cleanly(tmp_path, stop):
-    port, metrics = _free_port(), _free_port()
+    port, metrics = free_port(), free_port()
     p = subprocess.Popen([str(EXE / "unclip-serve"), "--model", "tiny", "--backend", "torch", "--port", str(port),
                           "--metrics-port", str(metrics)], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -117,7 +92,7 @@ def test_the_readme_command_serves_and_stops_cleanly(tmp_path, stop):
         b = TorchBackend(build_preset("tiny"))
         want = generate(b, b.spec, "a red circle", Settings(seed=3, size=16, prior_steps=3, decoder_steps=3)).images[0]
         assert torch.equal(got, want)
-        ray_procs = _children(p.pid)
+        ray_procs = descendants(p.pid)
         assert ray_procs, "no Ray processes under unclip-serve"
     finally:
         p.send_signal(stop)
