@@ -84,6 +84,9 @@ def main(prompt, prompts_file, **opts):
         run(req, _progress, lambda m: click.echo(m, err=True), written)
     except UnclipError as e:
         raise click.ClickException(str(e)) from None
+    except PermissionError as e:  # a shared folder this user may not read or write: one line, not a traceback
+        raise click.ClickException(f"{e.filename or e}: permission denied; ask its owner for access, or use a folder "
+                                   "of your own") from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: {len(written)} image(s) were written and kept", err=True)
         for p in written:

@@ -184,6 +184,7 @@ def _weight_files(folder: Path, library: str) -> list[Path]:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
+        open(path, "rb").close()  # safetensors and torch.load report a denied read as "No such file or directory"
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             out = {}
@@ -325,6 +326,7 @@ def _save_component(module: nn.Module, comp: Component, folder: Path, dtype: tor
              for k, v in module.state_dict().items()}
     name = "diffusion_pytorch_model.safetensors" if comp.library == "diffusers" else "model.safetensors"
     save_file(state, str(folder / name), metadata={"format": "pt"})
+    os.chmod(folder / name, default_mode())  # safetensors creates it 0600: other users could not load the model
 
 
 def _component(folder: str) -> Component:

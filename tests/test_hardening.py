@@ -1,13 +1,19 @@
 """Faults and bad input (issue 11): nothing lost, nothing silently wrong, no traceback. Interrupts and kills run as
-real subprocesses with signals; a full disk is injected at the write call."""
+real subprocesses with signals; a full disk is injected at the write call; a permission denied is both injected at
+the call and, where this machine can deny it, real (mode 000, and for root setpriv without its override)."""
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,18 +48,39 @@ def _one_line_error(res, message):
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
 
 
+def _one_line_error_of_process(res, message):
+    """The same for a real subprocess (its stderr)."""
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert message in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
 # 1. interrupted exports -----------------------------------------------------------------------------------------
 
 def _run(args, cwd, **kw):
     return subprocess.run([str(EXE / "unclip-run"), *args], cwd=cwd, capture_output=True, text=True, **kw)
 
 
+def _popen(args, cwd, **kw):
+    """unclip-run started to be signalled, so that SIGINT is a KeyboardInterrupt in it as under Ctrl-C even where the
+    test runner ignores SIGINT (a background job of a shell): an ignored signal stays ignored across exec, a handled
+    one starts at its default."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([str(EXE / "unclip-run"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, **kw)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("sig,networks", [(signal.SIGINT, 1), (signal.SIGKILL, 3)])
 def test_a_run_after_an_interrupted_first_export_finishes_it(tmp_path, sig, networks):
     from unclip.core.artifacts import export_state
     engines = tmp_path / "engines" / "tiny-fp32"
-    p = subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST], cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = _popen(["a cat", *FAST], tmp_path, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # stop it once `networks` graphs of the automatic export are written
         try:
@@ -123,13 +150,24 @@ def test_text_diff_of_texts_that_encode_the_same(runner):
 
 # 3 + 4. no link followed, nothing overwritten ----------------------------------------------------------------------
 
-def test_planted_links_are_never_followed_and_images_never_overwritten(runner, tmp_path):
+def test_planted_links_are_never_followed(runner, tmp_path):  # 3: the old write probe truncated the link's target
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
     (out / ".unclip-write-test").symlink_to(victim)
     (out / "0-0.png").symlink_to(victim)
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]))
+    assert victim.read_text() == "precious"
+    assert res.stdout.split() == [str(Path("out") / "0-0-1.png")]
+
+
+def test_images_are_never_overwritten_unless_asked(runner, tmp_path):  # 4, without the probe link of 3
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0-0.png").symlink_to(victim)  # a link (or any file) where the first image would go
     res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]))
     assert victim.read_text() == "precious"
     assert res.stdout.split() == [str(Path("out") / "0-0-1.png")]
@@ -152,9 +190,20 @@ def test_concurrent_runs_into_one_folder_keep_every_image(tmp_path):
     assert len(set(flat)) == 3 and all((tmp_path / x).is_file() for x in flat)
 
 
+def test_concurrent_runs_on_exported_engines_keep_every_image(tmp_path):
+    res = _run(["x", *FAST, "--out", "warm"], tmp_path)  # engines first: only the images' file names can collide
+    assert res.returncode == 0, res.stderr
+    procs = [subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    flat = [x for o, _ in outs for x in o.split()]
+    assert len(set(flat)) == 3 and all((tmp_path / x).is_file() for x in flat), flat
+
+
 # 5. the right model ----------------------------------------------------------------------------------------------
 
-def test_engines_of_edited_or_other_models_are_refused(runner, tmp_path):
+def test_engines_of_a_model_edited_in_place_are_refused(runner, tmp_path):
     folder = save_model(build_preset("tiny"), tmp_path / "m")
     args = ["cat", *FAST, "--model", "m", "--engines", "e"]
     _ok(runner.invoke(main, args))
@@ -163,12 +212,19 @@ def test_engines_of_edited_or_other_models_are_refused(runner, tmp_path):
     data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
     w.write_bytes(bytes(data))
     _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights changed)")
+
+
+def test_engines_of_the_same_relative_name_elsewhere_are_refused(runner, tmp_path, monkeypatch):
+    save_model(build_preset("tiny"), tmp_path / "m")
+    _ok(runner.invoke(main, ["cat", *FAST, "--model", "m", "--engines", "e"]))
     (tmp_path / "sub").mkdir()
     save_model(build_preset("small"), tmp_path / "sub" / "m")  # the same relative name elsewhere
-    os.chdir(tmp_path / "sub")
+    monkeypatch.chdir(tmp_path / "sub")
     _one_line_error(runner.invoke(main, ["cat", *FAST, "--model", "m", "--engines", str(tmp_path / "e")]),
                     "holds engines of")
-    os.chdir(tmp_path)
+
+
+def test_engines_of_the_preset_are_refused_for_a_folder_named_like_it(runner, tmp_path):
     save_model(build_preset("tiny"), tmp_path / "tiny")  # a folder named like the preset
     _ok(runner.invoke(main, ["cat", *FAST, "--engines", "t"]))
     _one_line_error(runner.invoke(main, ["cat", *FAST, "--model", "./tiny", "--engines", "t"]), "holds engines of")
@@ -184,30 +240,206 @@ def test_created_files_honour_the_umask(runner, tmp_path):
     finally:
         os.umask(old)
     for p in [tmp_path / "out" / "0-0.png", tmp_path / "engines" / "tiny-fp32" / "manifest.json",
-              tmp_path / "d" / "dump.json", folder / "decoder" / "config.json"]:
+              tmp_path / "d" / "dump.json", folder / "decoder" / "config.json",
+              folder / "decoder" / "diffusion_pytorch_model.safetensors"]:
         assert p.stat().st_mode & 0o777 == 0o644, p
     assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "decoder").stat().st_mode & 0o777 == 0o755
 
 
 # 7. one-line errors -------------------------------------------------------------------------------------------
 
-def test_unwritable_places_and_a_full_disk(runner, tmp_path, monkeypatch):
+def _full(*a, **kw):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_unwritable_engines_folder(runner, tmp_path):
     (tmp_path / "file").write_text("x")
     _one_line_error(runner.invoke(main, ["cat", *FAST, "--engines", "file/e"]), "cannot write the export")
+
+
+def test_an_unwritable_export_folder(runner, tmp_path):
+    (tmp_path / "file").write_text("x")
     _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", "file/e"]), "cannot write the export")
+
+
+def test_an_unwritable_dump_folder_is_found_before_any_work(runner, tmp_path):
+    (tmp_path / "file").write_text("x")
     res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--dump", "file/d"])
     _one_line_error(res, "--dump file/d: cannot write there")
     assert not list(Path("out").glob("*.png"))  # checked before any work
+
+
+def test_a_full_disk_during_export(runner, monkeypatch):
     import onnx
-
-    def full(*a, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(onnx, "save_model", _full)
     _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", "e2"]), "No space left on device")
-    monkeypatch.setattr(Image.Image, "save", full)  # and while writing an image
+
+
+def test_a_full_disk_while_writing_an_image(runner, monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", _full)
     _one_line_error(runner.invoke(main, ["cat", *FAST, "--backend", "torch"]), "No space left on device")
     assert not [p for p in Path("out").iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+
+
+# a read-only working directory, and files or folders of another user's (issue items 6, 7 and 13) ------------------
+#
+# Each case runs twice: with the denial injected at the call (everywhere), and for real in a subprocess where this
+# machine can deny it (an ordinary user: mode 000; root: setpriv without the capabilities that let root ignore modes).
+
+ELSEWHERE = "{elsewhere}"  # replaced by a writable folder outside the read-only working directory
+READ_ONLY_CWD_CASES = {
+    "run (engines in it)": (["unclip-run", "cat", *FAST, "--out", ELSEWHERE], "cannot write the export"),
+    "unclip-export --out": (["unclip-export", "--model", "tiny", "--out", "e"], "cannot write the export"),
+    "run --dump": (["unclip-run", "cat", *FAST, "--backend", "torch", "--out", ELSEWHERE, "--dump", "d"],
+                   "--dump d: cannot write there"),
+}
+
+
+def _deny_creating_in_cwd(monkeypatch):
+    """Creating anything directly in the working directory raises PermissionError, as in a folder of another user's
+    (os.mkdir and os.open with O_CREAT are the calls every folder and file creation goes through)."""
+    cwd, real_mkdir, real_open = os.getcwd(), os.mkdir, os.open
+
+    def denied(path, dir_fd=None) -> bool:
+        path = os.fsdecode(path)
+        return dir_fd is None and os.path.dirname(os.path.abspath(path)) == cwd and not os.path.lexists(path)
+
+    def mkdir(path, *a, **kw):
+        if denied(path, kw.get("dir_fd")):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_mkdir(path, *a, **kw)
+
+    def open_(path, flags, *a, **kw):
+        if flags & os.O_CREAT and denied(path, kw.get("dir_fd")):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_CWD_CASES))
+def test_a_read_only_working_directory_injected(tmp_path, monkeypatch, case):
+    cmd, message = READ_ONLY_CWD_CASES[case]
+    (tmp_path / "ro").mkdir()
+    monkeypatch.chdir(tmp_path / "ro")
+    _deny_creating_in_cwd(monkeypatch)
+    args = [a.replace(ELSEWHERE, str(tmp_path / "out")) for a in cmd[1:]]
+    res = CliRunner().invoke(main if cmd[0] == "unclip-run" else export_main, args)
+    _one_line_error(res, message)
+    assert "Permission denied" in res.output
+
+
+@pytest.fixture(scope="module")
+def as_another_user(tmp_path_factory) -> list[str]:
+    """A command prefix under which mode 000 files and mode 555 folders really deny access: none for an ordinary
+    user; for root, setpriv without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH. Skips where neither is possible."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+    probe = tmp_path_factory.mktemp("probe") / "f"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        denied = subprocess.run([*prefix, "cat", str(probe)], capture_output=True, timeout=60).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        denied = False
+    if not denied:
+        pytest.skip("running as root, and setpriv cannot drop root's permission override here")
+    return prefix
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_CWD_CASES))
+def test_a_read_only_working_directory_for_real(tmp_path, as_another_user, case):
+    cmd, message = READ_ONLY_CWD_CASES[case]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    args = [a.replace(ELSEWHERE, str(tmp_path / "out")) for a in cmd[1:]]
+    res = subprocess.run([*as_another_user, str(EXE / cmd[0]), *args], cwd=ro, capture_output=True, text=True,
+                         timeout=300)
+    _one_line_error_of_process(res, message)
+    assert "Permission denied" in res.stderr and not list(ro.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory) -> Path:
+    """Engines of the tiny preset, exported once; tests copy them."""
+    out = tmp_path_factory.mktemp("tiny_engines") / "e"
+    res = CliRunner().invoke(export_main, ["--model", "tiny", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+UNREADABLE = ("model weights", "engines manifest", "engines graph")
+
+
+def _unreadable_case(what: str, tmp_path: Path, tiny_engines: Path) -> tuple[list[str], Path]:
+    """The arguments of a run and the file it must read that another user's folder may deny."""
+    if what == "model weights":  # save_model wrote these 0600 before issue 11
+        folder = save_model(build_preset("tiny"), tmp_path / "m")
+        return ["cat", *FAST, "--model", "m", "--backend", "torch"], folder / "decoder" / \
+            "diffusion_pytorch_model.safetensors"
+    shutil.copytree(tiny_engines, tmp_path / "e")
+    return ["cat", *FAST, "--engines", "e"], tmp_path / "e" / ("manifest.json" if what == "engines manifest" else
+                                                                 "prior.onnx")
+
+
+def _deny_reading(monkeypatch, path: Path):
+    """Reading `path` fails as it does for another user's file of mode 0600: open() raises PermissionError, and
+    safetensors' safe_open raises what it raises then (checked with safetensors 0.8 under a real denial):
+    FileNotFoundError("No such file or directory: ...")."""
+    import safetensors
+    target = os.path.abspath(path)
+    real_open, real_safe_open = builtins.open, safetensors.safe_open
+
+    def denied(f) -> bool:
+        return isinstance(f, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(f)) == target
+
+    def open_(file, *a, **kw):
+        if denied(file):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(file))
+        return real_open(file, *a, **kw)
+
+    def safe_open(filename, *a, **kw):
+        if denied(filename):
+            raise FileNotFoundError(f"No such file or directory: {filename}")
+        return real_safe_open(filename, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # pathlib's read_text / read_bytes
+    monkeypatch.setattr(safetensors, "safe_open", safe_open)
+
+
+@pytest.mark.parametrize("what", UNREADABLE)
+def test_an_unreadable_file_is_a_permission_problem_injected(runner, tmp_path, monkeypatch, tiny_engines, what):
+    args, path = _unreadable_case(what, tmp_path, tiny_engines)
+    _deny_reading(monkeypatch, path)
+    res = runner.invoke(main, args)
+    _one_line_error(res, "permission denied")
+    assert "truncated or corrupt" not in res.output
+
+
+@pytest.mark.parametrize("what", [*UNREADABLE, "model subfolder", "model subfolder, unclip-export"])
+def test_an_unreadable_file_is_a_permission_problem_for_real(tmp_path, as_another_user, tiny_engines, what):
+    if what.startswith("model subfolder"):  # save_model made folders 0700 before issue 11
+        folder = save_model(build_preset("tiny"), tmp_path / "m")
+        path = folder / "decoder"
+        args = ["unclip-export", "--model", "m", "--out", "e2"] if "export" in what else \
+            ["unclip-run", "cat", *FAST, "--model", "m", "--backend", "torch"]
+    else:
+        run_args, path = _unreadable_case(what, tmp_path, tiny_engines)
+        args = ["unclip-run", *run_args]
+    mode = path.stat().st_mode & 0o777
+    path.chmod(0)
+    try:
+        res = subprocess.run([*as_another_user, str(EXE / args[0]), *args[1:]], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        path.chmod(mode)
+    _one_line_error_of_process(res, "permission denied")
+    assert "truncated or corrupt" not in res.stderr
 
 
 def test_bad_images(runner, tmp_path, monkeypatch):
@@ -294,26 +526,67 @@ def test_stale_export_temporaries_are_cleaned(runner):
 
 # 10-13. bounded work, seeds and small things ----------------------------------------------------------------------
 
-def test_caps_and_ctrl_c_keeps_finished_chunks(runner, tmp_path):
-    _one_line_error(runner.invoke(main, ["cat", *FAST, "--num-images", "100000"]), "raise it with --max-images")
-    _one_line_error(runner.invoke(main, [*FAST, "--interpolate", "a", "b", "--frames", "10000"]),
-                    "--frames 10000 is over the cap")
-    _run(["x", *FAST, "--out", "warm", "--max-batch", "1"], tmp_path)  # engines of one image per call
-    p = subprocess.Popen([str(EXE / "unclip-run"), "a cat", *FAST, "--num-images", "200"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "out").glob("*.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted:" in stderr and "Traceback" not in stderr
+@pytest.mark.parametrize("args,message", [
+    (["cat", *FAST, "--num-images", "100000"], "raise it with --max-images"),
+    ([*FAST, "--interpolate", "a", "b", "--frames", "10000"], "--frames 10000 is over the cap"),
+])
+def test_unbounded_work_is_refused_over_the_cap(tmp_path, args, message):
+    try:  # a subprocess with a time limit: a tool without the cap would be at work for hours
+        res = _run(args, tmp_path, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(args[-2:])}: still at work after 60 s (accepted, not refused)")
+    _one_line_error_of_process(res, message)
+    assert not (tmp_path / "engines").exists()  # refused before any work
+
+
+class _Reader(threading.Thread):
+    """Collects a pipe's bytes as they come (progress lines end in a carriage return, not a newline)."""
+
+    def __init__(self, pipe):
+        super().__init__(daemon=True)
+        self.pipe, self.data = pipe, b""
+        self.start()
+
+    def run(self):
+        for chunk in iter(lambda: os.read(self.pipe.fileno(), 1 << 16), b""):
+            self.data += chunk
+
+    def wait_for(self, pattern: bytes, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, self.data)) < count:
+            if time.monotonic() > deadline or not self.is_alive():
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def test_ctrl_c_keeps_finished_chunks(tmp_path):
+    res = _run(["x", *FAST, "--out", "warm", "--max-batch", "1"], tmp_path)  # engines of one image per call
+    assert res.returncode == 0, res.stderr
+    p = _popen(["a cat", *FAST, "--num-images", "1000"], tmp_path)
+    out, err = _Reader(p.stdout), _Reader(p.stderr)
+    try:  # Ctrl-C once the second image's prior starts: the first image is done, 998 are not
+        assert err.wait_for(rb"prior\s+1/", 2, timeout=300), err.data.decode(errors="replace")[-3000:]
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out.join(timeout=60)
+    err.join(timeout=60)
+    stdout, stderr = out.data.decode(), err.data.decode(errors="replace")
     kept = sorted((tmp_path / "out").glob("*.png"))
-    assert 1 <= len(kept) < 200 and [str(Path("out") / k.name) for k in kept] == sorted(stdout.split())
+    diag = f"exit {p.returncode}, {len(kept)} PNG(s) kept; stderr ends: {stderr[-600:]!r}"
+    assert len(kept) >= 1, diag  # the finished chunk was saved before the interrupt
+    assert p.returncode == 130 and "interrupted:" in stderr and "Traceback" not in stderr, diag
+    assert len(kept) < 1000 and [str(Path("out") / k.name) for k in kept] == sorted(stdout.split()), diag
 
 
 @pytest.mark.parametrize("args,message", [
     (["--seed", str(2 ** 70)], "--seed must be in 0"), (["--seed", "-1"], "--seed must be in 0"),
     (["--seed", str(2 ** 63 - 2), "--num-images", "3"], "--seed must be in 0"),
+    (["--seed", str(2 ** 64 - 2), "--num-images", "3", "--max-batch", "1"], "--seed must be in 0"),  # failed mid-run
     (["--max-batch", "0"], "--max-batch must be at least 1"), (["--max-batch", "-1"], "--max-batch must be"),
     (["--interpolate", "a", "b"], "--interpolate needs --frames N"),
     (["--precision", "bf16"], "--precision bf16 is not available with --backend onnxruntime"),
@@ -324,19 +597,58 @@ def test_bad_values_one_line(runner, args, message):
     assert "exporting" not in res.output and not Path("engines").exists()  # refused before any work
 
 
-def test_fix_messages_and_warnings_and_metadata(runner, tmp_path):
+def test_a_fix_message_names_force_once_for_a_corrupt_file(runner, tmp_path):
     _ok(runner.invoke(main, ["cat", *FAST]))
     (tmp_path / "engines" / "tiny-fp32" / "prior.onnx").write_bytes(b"broken")
     res = runner.invoke(main, ["cat", *FAST])
     assert res.exit_code == 1 and res.output.count("--force") == 1, res.output
+
+
+def test_a_fix_message_names_force_once_for_another_models_engines(runner, tmp_path):
+    _ok(runner.invoke(main, ["cat", *FAST, "--engines", "e"]))
+    save_model(build_preset("tiny"), tmp_path / "other")
+    res = runner.invoke(main, ["cat", *FAST, "--model", str(tmp_path / "other"), "--engines", "e"])
+    assert res.exit_code == 1 and res.output.count("--force") == 1, res.output
+    _one_line_error(res, "holds engines of 'tiny'")
+
+
+def test_negative_with_both_guidance_scales_1_warns(runner):
     res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--prior-guidance", "1",
-                                   "--decoder-guidance", "1", "--negative", "dog", "--sampler", "ddpm", "--eta", "0.5"]))
-    assert "--negative is not used" in res.stderr and "--eta is not used by the ddpm sampler" in res.stderr
+                                   "--decoder-guidance", "1", "--negative", "dog"]))
+    assert "--negative is not used" in res.stderr
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "unclip"])  # unclip: diffusers' name of the same sampler
+def test_eta_with_the_ddpm_sampler_warns(runner, sampler):
+    res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--sampler", sampler, "--eta", "0.5"]))
+    assert f"--eta is not used by the {sampler} sampler" in res.stderr
+
+
+def test_a_prompt_with_interpolate_warns(runner):
     res = _ok(runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--interpolate", "a", "b", "--frames", "2"]))
     assert "PROMPT is not used with --interpolate" in res.stderr
-    long = " ".join(["zebra"] * 300)
-    res = _ok(runner.invoke(main, [long, *FAST, "--backend", "torch"]))
-    assert "dropped" in res.stderr and len(res.stderr) < 2000
-    img = Image.open(res.stdout.split()[-1])
-    assert str(tmp_path) not in json.dumps(dict(img.text))  # names, not local paths
+
+
+def test_the_long_prompt_warning_is_short(tmp_path):
+    long = " ".join(["zebra"] * 2000)  # a real process: its whole stderr, as a user sees it
+    res = _run([long, *FAST, "--backend", "torch"], tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dropped" in res.stderr and len(res.stderr.encode()) < 2000, res.stderr[:3000]
+
+
+@pytest.mark.parametrize("mode", ["prompt", "variation", "interpolate"])
+def test_png_metadata_holds_names_not_local_paths(runner, tmp_path, mode):
+    folder = save_model(build_preset("tiny"), tmp_path / "mfolder")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "pic.png")
+    pic = str(tmp_path / "pic.png")
+    args = {"prompt": ["zebra"], "variation": ["--variation", pic],
+            "interpolate": ["--interpolate", pic, "a dog", "--frames", "2"]}[mode]
+    res = _ok(runner.invoke(main, [*args, *FAST, "--model", str(folder), "--backend", "torch"]))
+    assert res.stdout.split()
+    for p in res.stdout.split():
+        text = json.dumps(dict(Image.open(p).text))
+        assert str(tmp_path) not in text, text  # names, not local paths
+
+
+def test_version(runner):
     assert _ok(runner.invoke(main, ["--version"])).stdout.strip()
