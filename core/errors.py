@@ -38,3 +38,12 @@ class OutputError(UnclipError):
 
 class ExportLocked(ExportError):
     """Another live export holds the folder's lock."""
+
+
+def one_line(e: Exception) -> str:
+    """What a command prints for an error users can cause: an UnclipError's message, or for a PermissionError (a
+    shared folder this user may not read or write) the file and what to do."""
+    if isinstance(e, PermissionError):
+        return f"{e.filename or e}: permission denied; ask its owner for access, or use a folder of your own"
+    return str(e)
+

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import click
 from unclip.core.console import warnings_to_stderr
-from unclip.core.errors import UnclipError
+from unclip.core.errors import UnclipError, one_line
 from unclip.engine import samplers
 from unclip.engine.api import run
 from unclip.engine.backend import BACKENDS
@@ -82,11 +82,8 @@ def main(prompt, prompts_file, **opts):
         if req.model in ("tiny", "small"):
             click.echo(RANDOM.format(req.model), err=True)
         run(req, _progress, lambda m: click.echo(m, err=True), written)
-    except UnclipError as e:
-        raise click.ClickException(str(e)) from None
-    except PermissionError as e:  # a shared folder this user may not read or write: one line, not a traceback
-        raise click.ClickException(f"{e.filename or e}: permission denied; ask its owner for access, or use a folder "
-                                   "of your own") from None
+    except (UnclipError, PermissionError) as e:  # PermissionError: a shared folder this user may not use
+        raise click.ClickException(one_line(e)) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: {len(written)} image(s) were written and kept", err=True)
         for p in written:

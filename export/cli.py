@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 from unclip.core.console import warnings_to_stderr
-from unclip.core.errors import UnclipError
+from unclip.core.errors import UnclipError, one_line
 from unclip.core.stages import STAGES
 
 
@@ -37,11 +37,8 @@ def main(model, out, stages, precision, max_batch, trt, force):
         if trt:
             from unclip.export.trt import build_engines
             build_engines(out, force=force, progress=lambda msg: click.echo(msg, err=True))
-    except UnclipError as e:
-        raise click.ClickException(str(e)) from None
-    except PermissionError as e:  # a shared folder this user may not read or write: one line, not a traceback
-        raise click.ClickException(f"{e.filename or e}: permission denied; ask its owner for access, or use a folder "
-                                   "of your own") from None
+    except (UnclipError, PermissionError) as e:  # PermissionError: a shared folder this user may not use
+        raise click.ClickException(one_line(e)) from None
     click.echo("\n| stage | file size | export time | max error |\n|---|---|---|---|")
     for r in reports:
         click.echo(f"| {r.network} | {r.size / 1e6:.1f} MB | {'skipped' if r.skipped else f'{r.seconds:.1f} s'} "
