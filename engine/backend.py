@@ -37,6 +37,23 @@ class Backend(Protocol):
         """The largest batch `network` takes (guided networks: twice the images)."""
 
 
+class ExportedGraphs:
+    """What the backends of an export folder share: each network's manifest entry (dir, manifest, fix set by the
+    backend) and the largest batch its profile takes."""
+    dir: Path
+    manifest: dict
+    fix: str
+
+    def entry(self, network: str) -> dict:
+        entry = self.manifest["networks"].get(network)
+        if entry is None:
+            raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
+        return entry
+
+    def max_batch(self, network: str) -> int:
+        return self.entry(network)["profile"][2]
+
+
 def failed(backend: str, network: str, e: BaseException) -> BackendError:
     """One line for a backend's failure while running a network, the same for every backend."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -12,13 +12,13 @@ from unclip.core.contract import Contract
 from unclip.core.errors import BackendUnavailable, ExportError
 from unclip.core.packages import require_onnxruntime
 from unclip.core.spec import ModelSpec
-from unclip.engine.backend import failed
+from unclip.engine.backend import ExportedGraphs, failed
 
 _NP = {"float32": np.float32, "int64": np.int64}
 _TORCH = {"float32": torch.float32, "int64": torch.int64}
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ExportedGraphs):
     name = "onnxruntime"
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None):
@@ -43,15 +43,6 @@ class OnnxRuntimeBackend:
             self.providers = ["CPUExecutionProvider"]
         self.sessions: dict = {}
         self.outputs: dict = {}
-
-    def entry(self, network: str) -> dict:
-        entry = self.manifest["networks"].get(network)
-        if entry is None:
-            raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
-        return entry
-
-    def max_batch(self, network: str) -> int:
-        return self.entry(network)["profile"][2]
 
     def session(self, network: str):
         if network not in self.sessions:

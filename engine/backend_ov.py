@@ -11,7 +11,7 @@ from unclip.core.artifacts import read_manifest, verify_files
 from unclip.core.contract import Contract
 from unclip.core.errors import BackendUnavailable, ExportError
 from unclip.core.spec import ModelSpec
-from unclip.engine.backend import failed
+from unclip.engine.backend import ExportedGraphs, failed
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
 _NP = {"float32": np.float32, "int64": np.int64}
@@ -25,7 +25,7 @@ def require_openvino():
     return openvino
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(ExportedGraphs):
     name = "openvino"
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", fix: str | None = None, threads: int = 0):
@@ -47,15 +47,6 @@ class OpenVINOBackend:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.device = torch.device("cpu")
         self.requests: dict = {}
-
-    def entry(self, network: str) -> dict:
-        entry = self.manifest["networks"].get(network)
-        if entry is None:
-            raise ExportError(f"{self.dir}: no {network} graph in this export; run: {self.fix}")
-        return entry
-
-    def max_batch(self, network: str) -> int:
-        return self.entry(network)["profile"][2]
 
     def _request(self, network: str):
         if network not in self.requests:

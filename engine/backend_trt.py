@@ -12,11 +12,11 @@ from unclip.core.contract import Contract
 from unclip.core.errors import ExportError
 from unclip.core.packages import require_tensorrt
 from unclip.core.spec import ModelSpec
-from unclip.engine.backend import failed
+from unclip.engine.backend import ExportedGraphs, failed
 from unclip.engine.static import Binder
 
 
-class TensorRTBackend:  # pragma: no cover - needs TensorRT and a GPU
+class TensorRTBackend(ExportedGraphs):  # pragma: no cover - needs TensorRT and a GPU
     name = "tensorrt"
 
     def __init__(self, export_dir: str | Path, device: str = "cuda", fix: str = "unclip-export --trt"):
@@ -42,9 +42,6 @@ class TensorRTBackend:  # pragma: no cover - needs TensorRT and a GPU
         if entry is None or "trt" not in entry:
             raise ExportError(f"{self.dir}: no TensorRT engine for {network}; run: {self.fix}")
         return entry
-
-    def max_batch(self, network: str) -> int:
-        return self.entry(network)["profile"][2]
 
     def _load(self, network: str):
         if network not in self.engines:
