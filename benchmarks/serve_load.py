@@ -142,7 +142,9 @@ def service(args, cfg) -> list[dict]:
     import ray
     from ray import serve
     from unclip.serve.app import build_app
+    from unclip.serve.config import quiet_ray_env
     port = args.port
+    quiet_ray_env()  # as unclip-serve does
     ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray-"))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

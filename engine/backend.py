@@ -102,14 +102,14 @@ def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
         from unclip.engine.backend_ort import OnnxRuntimeBackend
         require_onnxruntime()
         ensure_export(req, out, notify)
-        b = OnnxRuntimeBackend(out, req.device, fix)
+        b = OnnxRuntimeBackend(out, req.device, fix, threads=getattr(req, "threads", None))
     elif req.backend == "openvino":
         from unclip.engine.backend_ov import OpenVINOBackend, require_openvino
         require_openvino()
         if device.type != "cpu":
             raise RequestError("--backend openvino runs on the CPU here: use --device cpu")
         ensure_export(req, out, notify)
-        b = OpenVINOBackend(out, req.precision, fix)
+        b = OpenVINOBackend(out, req.precision, fix, threads=getattr(req, "threads", None) or 0)
     else:
         from unclip.core.packages import require_tensorrt
         require_tensorrt()  # first: on a machine without it, what to install is the news

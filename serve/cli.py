@@ -10,7 +10,7 @@ from unclip.core.console import warnings_to_stderr
 from unclip.core.errors import UnclipError
 from unclip.engine.backend import BACKENDS
 from unclip.engine.request import TORCH_MODES
-from unclip.serve.config import STAGES, ServeConfig, StageOptions
+from unclip.serve.config import STAGES, ServeConfig, StageOptions, quiet_ray_env
 
 C, O = ServeConfig(), StageOptions()
 
@@ -68,8 +68,11 @@ def _stop(signum, frame):
 @click.option("--max-prompt-chars", type=int, default=C.max_prompt_chars)
 @click.option("--max-steps", type=int, default=C.max_steps, help="steps per stage")
 @click.option("--max-upload-bytes", type=int, default=C.max_upload_bytes)
-@click.option("--exclusive-compute/--shared-compute", default=None, help="stages on one machine compute one at a "
-              "time (bigger batches, no split cores) [default: exclusive on cpu, shared on cuda]")
+@click.option("--exclusive-compute/--shared-compute", default=None, help="the stages on one machine share its cores "
+              "(a core per lane, jobs wait for a free one) instead of all computing at once [default: exclusive on "
+              "cpu, shared on cuda]")
+@click.option("--cores", type=int, default=None, help="cores the stages share with --exclusive-compute [default: "
+              "those this process may use]")
 @click.option("--timeout-s", type=float, default=C.timeout_s, help="cancel requests running longer (504)")
 def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_wait_ms, **opts):
     """Serve unCLIP over HTTP on Ray Serve: POST /v1/images, POST /v1/variations, GET /healthz, docs at /docs."""
@@ -96,6 +99,8 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     from ray import serve
     from unclip.serve.app import build_app
     local = address is None
+    if local:
+        quiet_ray_env()
     ray.init(address=address, **({"_metrics_export_port": metrics_port} if local else {}))
     # after ray.init, which installs its own (aborting) handler: `kill` and service managers stop the service as
     # Ctrl-C does, shutting Ray down

@@ -9,8 +9,11 @@ guidance, the sampler and eta, and whether the text rows are guided. A call that
 time, so one request's NaN or error stays with that request."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -91,6 +94,7 @@ def groups(jobs: list[Job], per_call: int, stage: str) -> list[list[Job]]:
     return [g[i:i + per_call] for g in by_key.values() for i in range(0, len(g), per_call)]
 
 
+LANE_POLL_S = 0.01  # how often a batch with lanes still to start asks for a free core
 OnCall = Callable[[int, float], None]  # (images in the call, seconds): the deployments' metrics
 
 
@@ -168,6 +172,62 @@ def run_upsampler(backend, stage: str, jobs: list[Job], per_call: int,
             _keep(group, x, noise)
         _timed(stage, group, run, on_call)
     return jobs
+
+
+def run_stage(backend, stage: str, jobs: list[Job], per_call: int, on_call: OnCall | None = None) -> list[Job]:
+    """One stage over a batch of jobs (prior, decoder, sr256 or sr1024)."""
+    if stage == "prior":
+        return run_prior(backend, jobs, per_call, on_call)
+    if stage == "decoder":
+        return run_decoder(backend, jobs, per_call, on_call)
+    return run_upsampler(backend, stage, jobs, per_call, on_call)
+
+
+def lanes(jobs: list[Job], cores: int) -> list[list[Job]]:
+    """A batch's jobs in at most `cores` groups of near-equal size (arrival order kept), one per lane."""
+    n = max(1, min(cores, len(jobs)))
+    size, extra = divmod(len(jobs), n)
+    out, i = [], 0
+    for k in range(n):
+        out.append(jobs[i:i + size + (k < extra)])
+        i += size + (k < extra)
+    return out
+
+
+def run_in_lanes(backend, stage: str, jobs: list[Job], per_call: int, cores: int, on_call: OnCall | None = None,
+                 acquire: Callable[[], Callable[[], None] | None] | None = None,
+                 waiting: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[Job]:
+    """The stage over a batch as up to `cores` lanes at once, each a group of the jobs on one thread (`backend`'s
+    sessions single-threaded, the sampler's torch ops too): on a small CPU this serves more images per second than
+    every core on one call (the networks scale poorly across cores); each image is the same as alone. A lane starts
+    when `acquire` gives it a core (a function that gives it back; None: not now, asked again shortly), within
+    `waiting` (what marks the stage as waiting for cores) until every lane has started; without `acquire`, at once."""
+    parts = collections.deque(lanes(jobs, cores))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    futures = []
+    try:
+        with ThreadPoolExecutor(len(parts), thread_name_prefix=f"{stage}-lane") as pool, \
+                (waiting() if waiting else contextlib.nullcontext()):
+            while parts:
+                release = acquire() if acquire else (lambda: None)
+                if release is None:
+                    running = [f for f in futures if not f.done()]
+                    wait(running, timeout=LANE_POLL_S) if running else time.sleep(LANE_POLL_S)
+                    continue
+                futures.append(pool.submit(_lane, backend, stage, parts.popleft(), per_call, on_call, release))
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
+    return jobs
+
+
+def _lane(backend, stage: str, part: list[Job], per_call: int, on_call: OnCall | None, release) -> None:
+    try:
+        run_stage(backend, stage, part, per_call, on_call)
+    finally:
+        release()
 
 
 def _noise(group: list[Job], device: torch.device) -> Noise:
