@@ -3,6 +3,7 @@ onnxruntime-gpu, the CUDA execution provider, one I/O binding per network and st
 (network, batch) keep tensors on the device. Outputs are valid until the next call of the same network."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,40 +46,46 @@ class OnnxRuntimeBackend(ExportedGraphs):
             self.providers = ["CPUExecutionProvider"]
         self.sessions: dict = {}
         self.outputs: dict = {}
+        self.opening = threading.Lock()
 
     def session(self, network: str):
         if network not in self.sessions:
-            entry = self.entry(network)
-            verify_files(self.dir, entry, network, self.fix + " --force")
-            opts = self.ort.SessionOptions()
-            opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
-            if self.device.type == "cpu":
-                # idle pool threads sleep instead of spinning: between network calls the sampler's torch ops (and
-                # other processes) need those cores (measured on 2 cores: 4.7-4.9 s per demo image, 5.5-6.4 spinning)
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                if self.threads:
-                    opts.intra_op_num_threads = self.threads
-            path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
-            try:
-                sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
-            except Exception as e:  # onnxruntime's errors have no common type; all mean a bad file here
-                raise ExportError(f"{path}: onnxruntime can't load it ({str(e).splitlines()[0][:200]}); re-export: "
-                                  f"{self.fix} --force") from None
-            got = sess.get_providers()
-            if self.device.type == "cuda" and "CUDAExecutionProvider" not in got:
-                # onnxruntime-gpu falls back to CPU silently when CUDA libraries are missing
-                raise BackendUnavailable(f"onnxruntime fell back to {got} for {network}: the CUDA libraries that "
-                                         "onnxruntime-gpu needs are missing")
-            contract = Contract.from_manifest(network, entry)
-            names = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
-            wanted = {t.name for t in contract.inputs + contract.outputs}
-            if names != wanted:
-                raise ExportError(f"{path}: the graph's inputs/outputs ({', '.join(sorted(names))}) are not those of "
-                                  f"{network}; the file was replaced; re-export: {self.fix} --force")
-            binding = sess.io_binding() if self.device.type == "cuda" else None
-            self.sessions[network] = (sess, contract, binding)
+            with self.opening:  # lanes run one backend from several threads: each session is made once
+                if network not in self.sessions:
+                    self._open(network)
         return self.sessions[network]
+
+    def _open(self, network: str) -> None:
+        entry = self.entry(network)
+        verify_files(self.dir, entry, network, self.fix + " --force")
+        opts = self.ort.SessionOptions()
+        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.device.type == "cpu":
+            # idle pool threads sleep instead of spinning: between network calls the sampler's torch ops (and
+            # other processes) need those cores (measured on 2 cores: 4.7-4.9 s per demo image, 5.5-6.4 spinning)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+        path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
+        try:
+            sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime's errors have no common type; all mean a bad file here
+            raise ExportError(f"{path}: onnxruntime can't load it ({str(e).splitlines()[0][:200]}); re-export: "
+                              f"{self.fix} --force") from None
+        got = sess.get_providers()
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in got:
+            # onnxruntime-gpu falls back to CPU silently when CUDA libraries are missing
+            raise BackendUnavailable(f"onnxruntime fell back to {got} for {network}: the CUDA libraries that "
+                                     "onnxruntime-gpu needs are missing")
+        contract = Contract.from_manifest(network, entry)
+        names = {i.name for i in sess.get_inputs()} | {o.name for o in sess.get_outputs()}
+        wanted = {t.name for t in contract.inputs + contract.outputs}
+        if names != wanted:
+            raise ExportError(f"{path}: the graph's inputs/outputs ({', '.join(sorted(names))}) are not those of "
+                              f"{network}; the file was replaced; re-export: {self.fix} --force")
+        binding = sess.io_binding() if self.device.type == "cuda" else None
+        self.sessions[network] = (sess, contract, binding)
 
     def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sess, contract, binding = self.session(network)

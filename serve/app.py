@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from unclip.core.spec import ModelSpec
 from unclip.engine.backend import model_name
 from unclip.engine.pipeline import image_sizes
-from unclip.serve.config import STAGES, ServeConfig
+from unclip.serve.config import STAGES, ServeConfig, model_stages
 from unclip.serve.errors import read_upload, stage_failure
 from unclip.serve.jobs import Job
 from unclip.serve.responses import respond, wants_png
@@ -76,7 +76,7 @@ def one_line(errors: list[dict], prefix: str = "") -> str:
 class Ingress:
     def __init__(self, cfg: ServeConfig, prior, decoder, sr256, sr1024):
         self.cfg = cfg
-        self.stages = dict(zip(STAGES, (prior, decoder, sr256, sr1024)))
+        self.stages = {s: h for s, h in zip(STAGES, (prior, decoder, sr256, sr1024)) if h is not None}
         self.spec: ModelSpec | None = None
         self.per_call = 0
         self.requests = Counter("unclip_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
@@ -98,7 +98,7 @@ class Ingress:
                 return "ok"
             except (Fail, asyncio.TimeoutError) as e:
                 return str(e) or "no answer within 10 s"
-        states = dict(zip(STAGES, await asyncio.gather(*map(ping, STAGES))))
+        states = dict(zip(self.stages, await asyncio.gather(*map(ping, self.stages))))
         ok = all(v == "ok" for v in states.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": model_name(self.cfg.model),
                              "backend": self.cfg.backend, "stages": states}, status_code=200 if ok else 503)
@@ -211,8 +211,11 @@ class Ingress:
 
 
 def build_app(cfg: ServeConfig):
-    """The application: four stage deployments (each with its replicas and resources) behind the ingress."""
-    stages = [StageReplica.options(name=s, **cfg.stages[s].ray_options()).bind(cfg, s) for s in STAGES]
+    """The application: a deployment per stage of the model (each with its replicas and resources: four, or three
+    for a model without sr1024) behind the ingress."""
+    have = model_stages(cfg.model)
+    stages = [StageReplica.options(name=s, **cfg.stages[s].ray_options()).bind(cfg, s) if s in have else None
+              for s in STAGES]
     return Ingress.options(name="api").bind(cfg, *stages)
 
 

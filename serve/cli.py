@@ -10,7 +10,13 @@ from unclip.core.console import warnings_to_stderr
 from unclip.core.errors import UnclipError
 from unclip.engine.backend import BACKENDS
 from unclip.engine.request import TORCH_MODES
-from unclip.serve.config import STAGES, ServeConfig, StageOptions, quiet_ray_env
+from unclip.serve.config import (
+    STAGES,
+    ServeConfig,
+    StageOptions,
+    model_stages,
+    quiet_ray_env,
+)
 
 C, O = ServeConfig(), StageOptions()
 
@@ -83,8 +89,8 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
     stages = {s: StageOptions(**{k: v[s] for k, v in per_stage.items() if s in v}) for s in STAGES}
     try:
         cfg = ServeConfig(batch_wait_s=batch_wait_ms / 1000, stages=stages, **opts)
-        for s, o in cfg.stages.items():  # (a `serve run` config gives GPUs in its deployments: section instead)
-            if cfg.device.startswith("cuda") and o.num_gpus == 0:
+        for s in model_stages(cfg.model):  # (a `serve run` config gives GPUs in its deployments: section instead)
+            if cfg.device.startswith("cuda") and cfg.stages[s].num_gpus == 0:
                 raise UnclipError(f"--device {cfg.device} needs a GPU for every stage's replicas, and stage {s} "
                                   f"asks for none: give it --num-gpus {s}=1 (or a fraction, e.g. all=0.25)")
         _check_port(host, port, "--port")

@@ -15,6 +15,19 @@ STAGES = ("prior", "decoder", "sr256", "sr1024")
 RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
+def model_stages(model: str) -> tuple[str, ...]:
+    """The stage deployments a model needs: all but sr1024 where it has no second upsampler (Karlo's folders: an
+    sr1024 replica would hold resources, a GPU on a cluster, and never run). Found as load_model finds the stage, by
+    its folder; the built-in presets all have it."""
+    from pathlib import Path
+
+    from unclip.core.identity import RANDOM_PRESETS, demo_folder
+    if model in RANDOM_PRESETS:
+        return STAGES
+    root = demo_folder() if model == "demo" else Path(model)
+    return STAGES if (root / "sr1024").is_dir() else STAGES[:-1]
+
+
 def quiet_ray_env() -> None:
     import os
     for k, v in RAY_ENV.items():

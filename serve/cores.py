@@ -47,10 +47,11 @@ class Cores:
     @contextlib.contextmanager
     def waiting(self, rank: int | None = None) -> Iterator[None]:
         """Mark this replica (of the stage of `rank`) as waiting for a core."""
-        fds = [_open(p) for p in [self.waiting_path] + ([self.rank_paths[rank]] if rank is not None else [])]
+        fds: list[int] = []
         try:
-            for fd in fds:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+            for p in [self.waiting_path] + ([self.rank_paths[rank]] if rank is not None else []):
+                fds.append(_open(p))
+                fcntl.flock(fds[-1], fcntl.LOCK_SH)
             yield
         finally:
             for fd in fds:
@@ -104,3 +105,6 @@ def _try(path: str, how: int) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except BaseException:
+        os.close(fd)
+        raise

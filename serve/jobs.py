@@ -215,7 +215,11 @@ def run_in_lanes(backend, stage: str, jobs: list[Job], per_call: int, cores: int
                     running = [f for f in futures if not f.done()]
                     wait(running, timeout=LANE_POLL_S) if running else time.sleep(LANE_POLL_S)
                     continue
-                futures.append(pool.submit(_lane, backend, stage, parts.popleft(), per_call, on_call, release))
+                try:
+                    futures.append(pool.submit(_lane, backend, stage, parts.popleft(), per_call, on_call, release))
+                except BaseException:
+                    release()
+                    raise
         for f in futures:
             f.result()
     finally:

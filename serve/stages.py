@@ -39,7 +39,7 @@ class StageReplica:
     def __init__(self, cfg: ServeConfig, stage: str):
         self.stage = stage
         self.rank = STAGES.index(stage)  # a free core goes to the latest stage waiting for one
-        self.backend = open_backend(cfg.backend_request(), notify=log.info)
+        self.backend = open_backend(cfg.backend_request(threads=cfg.cores if cfg.node_lock else None), notify=log.info)
         self.per_call = images_per_call(self.backend)
         # the machine's cores, shared with the other stage replicas on it (None: GPUs, or --shared-compute)
         self.cores = Cores(cfg.cores or len(os.sched_getaffinity(0)), cfg.device) if cfg.node_lock else None
@@ -74,6 +74,7 @@ class StageReplica:
         if self.cores is not None:  # and while the other stages of this machine hold every core, wait here
             if self.polling is None:
                 self.polling = asyncio.ensure_future(asyncio.to_thread(self._until_a_core_is_free))
+                self.polling.add_done_callback(self._polled)  # cleared on the loop, when the jobs go on
             await asyncio.shield(self.polling)
         job = await self.run_batch(job)
         if job.error is not None:
@@ -81,12 +82,12 @@ class StageReplica:
         return job
 
     def _until_a_core_is_free(self) -> None:
-        try:
-            with self.cores.waiting(self.rank):
-                while not self.cores.free():
-                    time.sleep(0.02)
-        finally:
-            self.polling = None
+        with self.cores.waiting(self.rank):
+            while not self.cores.free():
+                time.sleep(0.02)
+
+    def _polled(self, _) -> None:
+        self.polling = None
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # both set from the engines and config in __init__
     async def run_batch(self, jobs: list[Job]) -> list[Job]:

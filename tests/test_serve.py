@@ -171,17 +171,18 @@ def test_lanes_start_as_cores_come_free(engines, ort):
     """With one core free at first, the second lane starts when the acquire function gives it another one."""
     one = OnnxRuntimeBackend(engines, threads=1)
     jobs = [Job(replace(FAST, seed=s), "a red circle") for s in (31, 32, 33, 34)]
-    asked, started = [], []
+    asked, started, released = [], [], []
     def acquire():
         asked.append(len(started))
         if len(started) == 1 and len(asked) < 4:
             return None  # the second core is busy for the first three asks
-        started.append(threading.current_thread().name)
-        return lambda: None
+        started.append(len(asked))
+        return lambda: released.append(threading.current_thread().name.split("_")[0])
     waits = []
     run_in_lanes(one, "prior", jobs, per_call=4, cores=2, acquire=acquire,
                  waiting=lambda: (waits.append(1), contextlib.nullcontext())[1])
-    assert len(started) == 2 and asked[:4] == [0, 1, 1, 1] and waits == [1]
+    assert started == [1, 4] and asked == [0, 1, 1, 1] and waits == [1]
+    assert released == ["prior-lane", "prior-lane"]  # each lane gave its core back, from its own thread
     assert [j.batches["prior"] for j in jobs] == [2, 2, 2, 2]
     for s, j in zip((31, 32, 33, 34), jobs):
         assert j.z is not None and j.error is None, s
@@ -276,12 +277,13 @@ def test_prometheus_metrics_show_the_batches_and_requests(service):
         larger = [st for st in ("prior", "decoder", "sr256") if series.get(("ray_unclip_stage_batch_images_sum", st), 0)
                   > series.get(("ray_unclip_stage_batch_images_count", st), 0)]
         if series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6 and larger and \
-                series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6:
+                series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6 and \
+                series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1:
             break
         time.sleep(2)
     assert series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6, sorted(series)[:20]
     assert larger, {k: v for k, v in series.items() if "batch_images" in k[0]}
-    assert series[("ray_unclip_stage_batch_seconds_count", "decoder")] >= 1
+    assert series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1, sorted(series)
     assert series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6
 
 
@@ -380,6 +382,32 @@ def test_health_and_docs(url):
         assert {"/v1/images", "/v1/variations", "/healthz"} <= set(json.loads(r.read())["paths"])
     with urllib.request.urlopen(url + "/docs", timeout=60) as r:
         assert r.status == 200
+
+
+def test_a_model_without_sr1024_gets_no_sr1024_deployment(service, tmp_path):
+    """Karlo's folders have no second upsampler: the application holds three stage deployments, /healthz names three,
+    and images at the model's largest size are the Python API's."""
+    from ray import serve
+    from unclip.models import load_model, save_model
+    from unclip.serve.app import build_app
+    from unclip.serve.config import STAGES, ServeConfig, model_stages
+    model = build_preset("tiny")
+    model.sr1024 = None
+    folder = save_model(model, tmp_path / "no-sr1024")
+    assert model_stages(str(folder)) == ("prior", "decoder", "sr256")
+    assert model_stages("tiny") == model_stages("demo") == STAGES
+    cfg = ServeConfig(model=str(folder), backend="torch", cores=2, timeout_s=120)
+    serve.run(build_app(cfg), name="nosr", route_prefix="/nosr")
+    try:
+        assert set(serve.status().applications["nosr"].deployments) == {"prior", "decoder", "sr256", "api"}
+        with urllib.request.urlopen(service[0] + "/nosr/healthz", timeout=60) as r:
+            assert json.loads(r.read())["stages"] == {s: "ok" for s in ("prior", "decoder", "sr256")}
+        status, body, _ = post(service[0] + "/nosr/v1/images", {"prompt": "a red circle", "seed": 3, "steps": STEPS})
+        assert status == 200, body
+        torch_model = TorchBackend(load_model(folder))
+        assert torch.equal(decoded(body["images"][0]), alone(torch_model, "a red circle", replace(FAST, seed=3)))
+    finally:
+        serve.delete("nosr")
 
 
 def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(url, ort):
