@@ -274,21 +274,24 @@ def test_prometheus_metrics_show_the_batches_and_requests(service):
         with urllib.request.urlopen(service[1], timeout=30) as r:
             text = r.read().decode()
         series = _series(text)
-        larger = [st for st in ("prior", "decoder", "sr256") if series.get(("ray_unclip_stage_batch_images_sum", st), 0)
-                  > series.get(("ray_unclip_stage_batch_images_count", st), 0)]
+        # calls of more than one image: more observations in all than in the bucket of at most 1
+        larger = [st for st in ("prior", "decoder", "sr256") if series.get(("ray_unclip_stage_batch_images_count", st), 0)
+                  > series.get(("ray_unclip_stage_batch_images_bucket", st, "1.0"), 0)]
         if series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6 and larger and \
                 series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6 and \
                 series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1:
             break
         time.sleep(2)
     assert series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6, sorted(series)[:20]
+    assert all(("ray_unclip_stage_batch_images_bucket", st, "1.0") in series for st in ("prior", "decoder", "sr256")), \
+        sorted(k for k in series if "batch_images" in k[0])
     assert larger, {k: v for k, v in series.items() if "batch_images" in k[0]}
     assert series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1, sorted(series)
     assert series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6
 
 
 def _series(text: str) -> dict[tuple, float]:
-    """Prometheus text -> {(name, stage) or (name, route[, status]): value summed over replicas}."""
+    """Prometheus text -> {(name, stage[, le]) or (name, route[, status]): value summed over replicas}."""
     import re
     out: dict[tuple, float] = {}
     for line in text.splitlines():
@@ -296,9 +299,7 @@ def _series(text: str) -> dict[tuple, float]:
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-        if "le" in labels:
-            continue
-        key = (m.group(1), *(labels[k] for k in ("stage", "route", "status") if k in labels))
+        key = (m.group(1), *(labels[k] for k in ("stage", "route", "status", "le") if k in labels))
         out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
