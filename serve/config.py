@@ -63,8 +63,9 @@ class ServeConfig:
     max_steps: int = 1000  # per stage
     max_upload_bytes: int = 20 * 2 ** 20
     timeout_s: float = 300.0  # a request still running after this is cancelled (504)
-    # CPU: the stages of one machine compute one at a time (a lock file), so they don't split its cores between them,
-    # and the jobs that arrive meanwhile join bigger batches; None: on for device cpu, off for GPUs
+    # CPU: the stage replicas of one machine share its cores through lock files (unclip.serve.cores: a core per lane,
+    # jobs wait for a free one and join bigger batches meanwhile) instead of all computing at once with every thread;
+    # None: on for device cpu, off for GPUs
     exclusive_compute: bool | None = None
     cores: int | None = None  # the machine's cores the stages share (exclusive compute) [default: this process's]
     stages: dict[str, StageOptions] = field(default_factory=lambda: {s: StageOptions() for s in STAGES})

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -213,7 +213,10 @@ def run_in_lanes(backend, stage: str, jobs: list[Job], per_call: int, cores: int
                 release = acquire() if acquire else (lambda: None)
                 if release is None:
                     running = [f for f in futures if not f.done()]
-                    wait(running, timeout=LANE_POLL_S) if running else time.sleep(LANE_POLL_S)
+                    if running:  # a lane of this batch ending frees a core: look again then, or shortly
+                        wait(running, timeout=LANE_POLL_S, return_when=FIRST_COMPLETED)
+                    else:
+                        time.sleep(LANE_POLL_S)
                     continue
                 try:
                     futures.append(pool.submit(_lane, backend, stage, parts.popleft(), per_call, on_call, release))
