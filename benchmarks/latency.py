@@ -136,7 +136,8 @@ def _settings(cfg, n):
     from unclip.engine.pipeline import Settings
     s = cfg["steps"]
     return Settings(seed=0, num_images=n, size=cfg["size"], prior_steps=s[0], decoder_steps=s[1], sr256_steps=s[2],
-                    sr1024_steps=s[3], sampler=cfg["sampler"])
+                    sr1024_steps=s[3], sampler=cfg["sampler"], prior_guidance=cfg["guidance"][0],
+                    decoder_guidance=cfg["guidance"][1])
 
 
 def worker_ours(cfg: dict) -> dict:
@@ -194,7 +195,8 @@ def worker_diffusers(cfg: dict) -> dict:
         steps = cfg["steps"]
         g = torch.Generator().manual_seed(0)
         x = pipe(cfg["prompt"], num_images_per_prompt=n, generator=g, prior_num_inference_steps=steps[0],
-                 decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2], output_type="np").images
+                 decoder_num_inference_steps=steps[1], super_res_num_inference_steps=steps[2], output_type="np",
+                 prior_guidance_scale=cfg["guidance"][0], decoder_guidance_scale=cfg["guidance"][1]).images
         if sr1024 is None:
             return torch.from_numpy((x * 255).round().astype("uint8"))
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(cfg["device"], dtype) * 2 - 1
@@ -409,8 +411,10 @@ def main(argv=None):
     if not Path(folder, "model_index.json").exists():
         save_model(model, folder, overwrite=True)
     from unclip.core.spec import spec_from_model
-    from unclip.engine.pipeline import image_sizes
+    from unclip.engine.pipeline import Settings, for_model, image_sizes
     size = max(image_sizes(spec_from_model(model)))
+    resolved = for_model(Settings(), spec_from_model(model))  # the model's guidance scales, on both sides
+    guidance = [resolved.prior_guidance, resolved.decoder_guidance]
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [25, 25, 7, 15]
     default = ["diffusers", "torch", "onnxruntime"] + (
         ["openvino"] if importlib.util.find_spec("openvino") and a.device == "cpu" else []) + (
@@ -438,6 +442,7 @@ def main(argv=None):
     model_schedulers, has_sr1024 = model.schedulers, model.sr1024 is not None
     del model
     cfg = {"model": folder, "folder": folder, "device": a.device, "batch": a.batch, "steps": steps, "size": size,
+           "guidance": guidance,
            "sr1024": has_sr1024, "repeats": a.repeats, "sampler": "unclip", "out": str(out),
            "prompt": DEMO_PROMPT if name == "demo" else PROMPT,
            "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}

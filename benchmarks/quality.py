@@ -27,7 +27,7 @@ from unclip.demo import world
 from unclip.demo.judge import ATTRIBUTES, judge
 from unclip.engine import manipulate as mp
 from unclip.engine.backend import open_backend
-from unclip.engine.pipeline import Settings, generate
+from unclip.engine.pipeline import Settings, for_model, generate
 
 TARGETS = {"background": 0.97, "colour": 0.95, "shape": 0.90, "size": 0.90, "position": 0.90, "all": 0.80}
 
@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     p.add_argument("--pictures", default="docs", help="folder for the README's pictures ('' for none)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    settings = Settings(size=a.size)  # the defaults: 25/25/7/15 steps, guidance 4 / 8, ddim, the model's largest size
+    # The defaults: 25/25/7/15 steps, the model's guidance scales (demo: 4 / 3), ddim, the model's largest size.
+    settings = Settings(size=a.size)
     prompts = world.sample_prompts(a.n, seed=2026)
     import importlib.util
     runs = a.backend or (["onnxruntime:fp32", "torch:fp32", "torch:bf16"]
@@ -164,6 +165,7 @@ def main(argv=None) -> None:
         b = open_backend(SimpleNamespace(backend=name, model=a.model, engines=None, device="cpu", precision=precision,
                                          max_batch=a.batch), notify=lambda m: print(m, file=sys.stderr))
         t = time.perf_counter()
+        report["settings"] = dataclasses.asdict(for_model(settings, b.spec))  # the scales it ran with
         images = generate_many(b, prompts, settings, a.batch)
         elapsed = time.perf_counter() - t
         acc, verdicts[run] = score(prompts, images)

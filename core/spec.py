@@ -29,6 +29,7 @@ class ModelSpec:
     clip_std: list[float] = field(default_factory=list)
     schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokenizer_files: dict[str, str] = field(default_factory=dict)  # name -> base64
+    defaults: dict[str, float] = field(default_factory=dict)  # the model's guidance scales (generation_config.json)
 
     @property
     def networks(self) -> list[str]:
@@ -70,4 +71,5 @@ def spec_from_model(model) -> ModelSpec:
         clip_std=[float(v) for v in model.prior.clip_std.detach().float().flatten().cpu()],
         schedulers={k: dataclasses.asdict(v) for k, v in model.schedulers.items()},
         tokenizer_files={k: base64.b64encode(v).decode() for k, v in model.tokenizer.files.items()},
+        defaults=dict(getattr(model, "defaults", None) or {}),
     )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from unclip.core.console import warnings_to_stderr
 from unclip.demo import stages as st
-from unclip.demo.config import CONFIGS, DemoConfig, Schedule
+from unclip.demo.config import CONFIGS, GENERATION, DemoConfig, Schedule
 
 STATE = "training.json"  # in the model folder: config, seed, and each finished stage's figures
 
@@ -186,7 +186,7 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
     dev = torch.device(device)
     state = _read_state(out, config, cfg, seed)
     _write_state(out, state)
-    write_pipeline_files(out, cfg.tokenizer(), cfg.schedulers(), sr1024=True)
+    write_pipeline_files(out, cfg.tokenizer(), cfg.schedulers(), sr1024=True, defaults=GENERATION)
     for i, name in enumerate(st.STAGES):
         if name in state["stages"] or (only and name not in only):
             continue

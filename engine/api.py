@@ -26,6 +26,7 @@ def run(req: Request, progress=None, notify=print, written: list | None = None) 
     dump = check_dump(req.dump, req.overwrite) if req.dump else None
     image = mp.load_image(req.variation) if req.variation is not None else None
     b = open_backend(req, notify)
+    req = replace(req, settings=mp.for_model(req.settings, b.spec))  # the guidance it runs with, in every PNG
     for w in req.unknown_words(b.spec):
         log.warning(w)
     written = [] if written is None else written

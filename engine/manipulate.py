@@ -20,6 +20,7 @@ from unclip.engine.pipeline import (
     decoder_model,
     encode_text,
     finish,
+    for_model,
     kept,
     sample_prior,
     upsample,
@@ -112,6 +113,7 @@ def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, t
     (paper section 3.1). Decoding step i uses eps(x_t, t_i) at the point it starts from, which inversion doesn't
     know yet: each step is solved by fixed-point iteration x_t = F(eps(x_t, t_i)), starting from eps at the
     current point, so that decoding the result with eta = 0 retraces the same path."""
+    settings = for_model(settings, spec)
     N, dev = z.shape[0], backend.device
     sched = spec.schedulers["decoder"]
     table = table_for(SimpleNamespace(**sched), settings.decoder_steps)
@@ -136,6 +138,7 @@ def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, t
 def variation(backend, spec: ModelSpec, settings: Settings, img, invert: bool = False, progress=None,
               keep: bool = False, first_image: int = 0) -> Result:
     """Variations of an image: its CLIP image embedding -> decoder -> upsamplers, no prior, prompt "" both halves."""
+    settings = for_model(settings, spec)
     n = settings.num_images
     z = image_embedding(backend, spec, img).expand(n, -1)
     text = empty_text(backend, spec, settings, n)
@@ -183,6 +186,7 @@ def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int,
     """Frames (H, W, 3) uint8 of slerp(z_a, z_b, theta), theta = 0 ... 1, yielded one by one, with the decoder and
     upsampler noise fixed across frames. A and B are prompts (str) or images (PIL); frame 0 and the last frame equal
     plain generation from A and B."""
+    settings = for_model(settings, spec)
     assert frames >= 2, frames
     noise = Noise(settings.seed, 1, backend.device)
     za, ta, pa = _endpoint(backend, spec, settings, a, noise)
@@ -203,6 +207,7 @@ def text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[
               frames: int = 1, progress=None):
     """Edit toward `after` and away from `before`: z_theta = slerp(z, normalise(e_after - e_before), theta), for
     theta in [0, amount] (one frame: theta = amount), frames yielded one by one; the decoder noise is fixed."""
+    settings = for_model(settings, spec)
     assert 0.0 <= amount <= 1.0, amount
     before, after = diff
     pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))

@@ -10,7 +10,7 @@ what this module keeps across calls it copies (`kept`). Guided stages run one ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable
 
@@ -26,6 +26,18 @@ Progress = Callable[[str, int, int], None]
 MAX_SEED = 2 ** 63 - 1
 
 
+KARLO_GUIDANCE = {"prior_guidance": 4.0, "decoder_guidance": 8.0}  # diffusers' UnCLIPPipeline defaults
+
+
+def for_model(settings: Settings, spec: ModelSpec) -> Settings:
+    """`settings` with each guidance scale left at None set to the model's own (spec.defaults, from the folder's
+    generation_config.json), or else to Karlo's. Every entry point calls it; a resolved Settings passes unchanged."""
+    given = {k: getattr(settings, k) for k in KARLO_GUIDANCE if getattr(settings, k) is None}
+    if not given:
+        return settings
+    return replace(settings, **{k: float(spec.defaults.get(k, KARLO_GUIDANCE[k])) for k in given})
+
+
 @dataclass(frozen=True)
 class Settings:
     """The numbers of a generation. Checked here, once; each error names its command-line flag."""
@@ -33,9 +45,9 @@ class Settings:
     num_images: int = 1
     size: int | None = None  # image side in pixels, one of the model's stage sizes (None: its largest)
     prior_steps: int = 25
-    prior_guidance: float = 4.0
+    prior_guidance: float | None = None  # None: the model's scale (generation_config.json), else Karlo's 4
     decoder_steps: int = 25
-    decoder_guidance: float = 8.0
+    decoder_guidance: float | None = None  # None: the model's scale, else Karlo's 8
     sr256_steps: int = 7
     sr1024_steps: int = 15
     sampler: str = "ddim"
@@ -47,7 +59,7 @@ class Settings:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)}")
         for name in ("prior_guidance", "decoder_guidance", "eta"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise RequestError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.sampler not in samplers.CHOICES:
             raise RequestError(f"--sampler {self.sampler!r} is not one of {', '.join(samplers.CHOICES)}")
@@ -86,14 +98,14 @@ class Noise:
         self.device = device
 
     @classmethod
-    def from_seeds(cls, seeds: list[int], device: torch.device) -> "Noise":
+    def from_seeds(cls, seeds: list[int], device: torch.device) -> Noise:
         """One generator per image with its own seed (images of different requests batched together)."""
         noise = cls(0, 0, device)
         noise.gens = [torch.Generator().manual_seed(s) for s in seeds]
         return noise
 
     @classmethod
-    def from_states(cls, states: list[torch.Tensor], device: torch.device) -> "Noise":
+    def from_states(cls, states: list[torch.Tensor], device: torch.device) -> Noise:
         """Generators that continue where others stopped (get_state): a pipeline split across processes."""
         noise = cls(0, 0, device)
         noise.gens = [torch.Generator() for _ in states]
@@ -152,6 +164,8 @@ def guide(run: Callable, scale: float, channels: int | None = None) -> Callable:
     """Classifier-free guidance around a model function run(x, t, i): one call at batch 2N ([uncond; cond]),
     out = u + s (c - u) on the first `channels` channels; the rest (a learned variance) from the conditional half.
     Callers wrap a stage's network with it when unclip.core.stages.guided says the stage is guided."""
+    if scale is None:
+        raise ValueError("guidance scale unresolved: pass the settings through for_model(settings, spec) first")
 
     def model(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         out = run(torch.cat([x, x]), torch.cat([t, t]), i)
@@ -189,7 +203,7 @@ class Text:
     H: torch.Tensor  # text_hidden (R, T, W)
     guided: bool
 
-    def cond(self) -> "Text":
+    def cond(self) -> Text:
         n = self.e.shape[0] // 2 if self.guided else self.e.shape[0]
         return Text(self.ids[-n:], self.mask[-n:], self.e[-n:], self.H[-n:], False)
 
@@ -223,6 +237,7 @@ def sample_prior(backend, spec: ModelSpec, settings: Settings, text: Text, noise
                  candidates: int = 1) -> PriorSample:
     """Diffusion prior (+CFG) -> un-normalised CLIP image embeddings. With k candidates it samples k embeddings per
     image in one batch and keeps the one with the largest dot product with the text embedding (paper: best of 2)."""
+    settings = for_model(settings, spec)
     k = candidates
     use = text if guided("prior", settings) else text.cond()
     feed = {n: v.repeat_interleave(k, dim=0) for n, v in use.feed().items()}  # (R*k, ...)
@@ -265,6 +280,7 @@ def decoder_model(backend, settings: Settings, z: torch.Tensor, text: Text) -> C
 def decode(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: Text, noise: Noise, progress=None,
            x_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder: (x in [-1, 1] (N, 3, S, S), its initial noise). `x_T` (an inversion) replaces the noise."""
+    settings = for_model(settings, spec)
     S = spec.decoder_size
     drawn = noise((z.shape[0], 3, S, S))  # drawn even when replaced, so later draws don't depend on x_T
     start = drawn if x_T is None else x_T.to(drawn)
@@ -310,6 +326,7 @@ def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: 
            x_T: torch.Tensor | None = None) -> Result:
     """Image embeddings -> decoder -> upsamplers up to settings.size -> (N, H, W, 3) uint8, with each stage's
     initial noise and image as intermediates."""
+    settings = for_model(settings, spec)
     last = IMAGE_STAGES.index(final_stage(spec, settings.size))
     image, start = decode(backend, spec, settings, z, text, noise, progress, x_T)
     inter = {"image_embeds": z, "decoder_noise": start, "image_decoder": image}
@@ -324,6 +341,7 @@ def generate(backend, spec: ModelSpec, prompt: str | list[str], settings: Settin
              candidates: int = 1) -> Result:
     """settings.num_images images of one prompt, or one image per prompt of a list; image i draws its noise from
     seed + first_image + i, so a request split into chunks gives the same images as one batch."""
+    settings = for_model(settings, spec)
     final_stage(spec, settings.size)  # refuse a size the model doesn't make before any work
     prompts = [prompt] * settings.num_images if isinstance(prompt, str) else list(prompt)
     noise = Noise(settings.seed, len(prompts), backend.device, first=first_image)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -85,6 +86,7 @@ class UnCLIPModel:
     image_encoder: ImageEncoder | None = None
     schedulers: dict[str, SchedulerConfig] = field(default_factory=lambda: dict(KARLO_SCHEDULERS))
     name: str = "unclip"
+    defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json: the model's guidance scales
 
     def networks(self) -> dict[str, nn.Module]:
         """Stage-named modules that exist in this model (sr256 has two networks: first steps, last step)."""
@@ -311,7 +313,30 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> U
     tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
     schedulers = {stage: load_scheduler(root / folder / "scheduler_config.json", KARLO_SCHEDULERS[stage])
                   for stage, folder in SCHEDULER_FOLDERS.items()}
-    return UnCLIPModel(tokenizer=tokenizer, schedulers=schedulers, name=root.name, **modules)
+    return UnCLIPModel(tokenizer=tokenizer, schedulers=schedulers, name=root.name,
+                       defaults=read_generation_config(root), **modules)
+
+
+GENERATION_CONFIG = "generation_config.json"  # optional, in the model folder's root (diffusers ignores it)
+GENERATION_KEYS = ("prior_guidance", "decoder_guidance")
+
+
+def read_generation_config(root: Path) -> dict[str, float]:
+    """The guidance scales a model folder recommends ({} without the file: the engine uses Karlo's 4 / 8)."""
+    path = root / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    raw = _read_json(path, GENERATION_CONFIG)
+    out = {}
+    for k, v in raw.items():
+        if k.startswith("_"):
+            continue
+        if k not in GENERATION_KEYS:
+            raise ModelLoadError(f"{path}: unknown key {k!r}; it may hold {', '.join(GENERATION_KEYS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ModelLoadError(f"{path}: {k} must be a finite number >= 0, got {v!r}; fix or delete the file")
+        out[k] = float(v)
+    return out
 
 
 # --- saving ------------------------------------------------------------------------------------------------
@@ -352,8 +377,9 @@ def save_component(module: nn.Module, root: str | os.PathLike, folder: str, dtyp
 
 
 def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[str, SchedulerConfig],
-                         sr1024: bool) -> None:
-    """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks."""
+                         sr1024: bool, defaults: dict[str, float] | None = None) -> None:
+    """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks (and
+    generation_config.json where the model has its own guidance scales)."""
     index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}
     for comp in COMPONENTS:
         if comp.required:  # optional stages are found by their folder; diffusers would reject them in the index
@@ -371,6 +397,8 @@ def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[
         if stage != "sr1024":
             index[folder] = ["diffusers", "UnCLIPScheduler"]
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    if defaults:
+        (root / GENERATION_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 def save_model(model: UnCLIPModel, path: str | os.PathLike, overwrite: bool = False,
@@ -387,7 +415,7 @@ def save_model(model: UnCLIPModel, path: str | os.PathLike, overwrite: bool = Fa
             module = getattr(model, comp.attr)
             if module is not None:
                 _save_component(module, comp, tmp / comp.folder, dtype)
-        write_pipeline_files(tmp, model.tokenizer, model.schedulers, model.sr1024 is not None)
+        write_pipeline_files(tmp, model.tokenizer, model.schedulers, model.sr1024 is not None, model.defaults)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pydantic import BaseModel, ConfigDict, Field
 from unclip.core.errors import RequestError
 from unclip.engine import samplers
-from unclip.engine.pipeline import Settings, final_stage
+from unclip.engine.pipeline import Settings, final_stage, for_model
 from unclip.serve.config import ServeConfig
 
 D = Settings()
@@ -39,8 +39,8 @@ class Steps(Strict):
 
 
 class Guidance(Strict):
-    prior: float | None = Field(None, description=f"prior classifier-free guidance [default: {D.prior_guidance}]")
-    decoder: float | None = Field(None, description=f"decoder guidance [default: {D.decoder_guidance}]")
+    prior: float | None = Field(None, description="prior classifier-free guidance [default: the model's, else 4]")
+    decoder: float | None = Field(None, description="decoder guidance [default: the model's (demo 3), else 8]")
 
 
 class Common(Strict):
@@ -91,7 +91,7 @@ def settings_of(req: Common, cfg: ServeConfig, spec, per_call: int) -> Settings:
              **{f"{k}_steps": v for k, v in req.steps if v is not None},
              **{f"{k}_guidance": v for k, v in req.guidance if v is not None}}
     try:
-        s = Settings(**given)
+        s = for_model(Settings(**given), spec)  # jobs carry the scales they run with: equal requests share a batch
         final_stage(spec, s.size)
     except RequestError as e:
         raise Fail(422, field_names(str(e))) from None

@@ -31,6 +31,8 @@ def test_generates_pngs_with_metadata_and_dump(runner, tmp_path):
     img = Image.open(paths[0])
     assert img.size == (64, 64) and img.text["prompt"] == "a photo of a cat" and img.text["backend"] == "onnxruntime"
     assert json.loads(img.text["prior_steps"]) == 3 and img.text["model"] == "tiny"
+    # a model folder without generation_config.json runs at Karlo's scales, and the PNG says which
+    assert json.loads(img.text["prior_guidance"]) == 4.0 and json.loads(img.text["decoder_guidance"]) == 8.0
     meta = json.loads((tmp_path / "d" / "dump.json").read_text())
     assert meta["timesteps"]["sr256"] == [999, 0]
     assert np.load(tmp_path / "d" / "image_sr256.npy").shape == (3, 3, 64, 64)

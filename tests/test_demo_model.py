@@ -40,6 +40,8 @@ def test_ships_compact_and_loads():
     assert model.name == "demo" and model.image_encoder is not None
     from unclip.core.spec import spec_from_model
     assert sorted(image_sizes(spec_from_model(model))) == [32, 128, 512]
+    from unclip.demo.config import GENERATION
+    assert model.defaults == spec_from_model(model).defaults == GENERATION  # its generation_config.json
 
 
 @pytest.fixture(scope="module")

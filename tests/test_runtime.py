@@ -217,3 +217,57 @@ def test_binder_never_trusts_a_reused_address():
     assert b.copies == 2  # unchanged: skipped
     b.bind("x", x.clone(), dst)  # another tensor, equal values: copied (identity, not equality, decides)
     assert b.copies == 3
+
+
+# --- the model's own guidance scales (generation_config.json) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from unclip.models.io import save_model
+    return save_model(build_preset("tiny"), tmp_path_factory.mktemp("m") / "tiny")
+
+
+def test_guidance_left_unset_is_the_models_own_else_karlos(tiny_folder, tmp_path):
+    from unclip.models import load_model
+    from unclip.models.io import GENERATION_CONFIG
+    plain = TorchBackend(load_model(tiny_folder))
+    assert plain.spec.defaults == {}
+    karlo = generate(plain, plain.spec, "a cat", FAST).images
+    assert torch.equal(karlo, generate(plain, plain.spec, "a cat", Settings(**{**FAST.__dict__, "prior_guidance": 4.0,
+                                                                              "decoder_guidance": 8.0})).images)
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    (own / GENERATION_CONFIG).write_text(json.dumps({"decoder_guidance": 2.5, "_comment": "measured"}))
+    b = TorchBackend(load_model(own))
+    assert b.spec.defaults == {"decoder_guidance": 2.5}
+    mine = generate(b, b.spec, "a cat", FAST).images
+    assert torch.equal(mine, generate(plain, plain.spec, "a cat", Settings(**{**FAST.__dict__,
+                                                                              "decoder_guidance": 2.5})).images)
+    assert not torch.equal(mine, karlo)
+    # given explicitly, a scale wins over the folder's
+    eight = Settings(**{**FAST.__dict__, "decoder_guidance": 8.0})
+    assert torch.equal(karlo, generate(b, b.spec, "a cat", eight).images)
+    # the scales travel with an export (its spec.json), so onnxruntime runs them too
+    out = tmp_path / "eng"
+    export_model(load_model(own), out, source=str(own))
+    assert OnnxRuntimeBackend(out).spec.defaults == {"decoder_guidance": 2.5}
+
+
+@pytest.mark.parametrize("content, words", [({"decoder_scale": 3}, "unknown key 'decoder_scale'"),
+                                            ({"decoder_guidance": "3"}, "decoder_guidance must be a finite number"),
+                                            ({"prior_guidance": -1}, "prior_guidance must be a finite number"),
+                                            ([3.0], "expected a JSON object")])
+def test_bad_generation_config_is_one_clear_error(tiny_folder, tmp_path, content, words):
+    from unclip.models import ModelLoadError, load_model
+    from unclip.models.io import GENERATION_CONFIG
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    (own / GENERATION_CONFIG).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=words) as e:
+        load_model(own)
+    assert "\n" not in str(e.value) and GENERATION_CONFIG in str(e.value)
+
+
+def test_guide_refuses_an_unresolved_scale():
+    with pytest.raises(ValueError, match="for_model"):
+        guide(lambda x, t, i: x, None)(torch.zeros(1, 3), torch.zeros(1), 0)
