@@ -127,7 +127,7 @@ def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str
     from unclip.core.identity import fingerprint, source_path
     if manifest.get("fingerprint") != fingerprint(model):
         same = manifest.get("source_path") == source_path(model)
-        what = "an earlier version of it (its weights changed)" if same else repr(manifest.get("source_path") or
+        what = "an earlier version of it (its weights or configs changed)" if same else repr(manifest.get("source_path") or
                                                                                    manifest.get("source") or "?")
         raise ExportError(f"{out} holds engines of {what}, not of --model {model}; pass --engines DIR for another "
                           f"folder, or re-export here: {fix} --force")

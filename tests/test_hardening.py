@@ -211,7 +211,7 @@ def test_engines_of_a_model_edited_in_place_are_refused(runner, tmp_path):
     data = bytearray(w.read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
     w.write_bytes(bytes(data))
-    _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights changed)")
+    _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights or configs changed)")
 
 
 def test_engines_of_the_same_relative_name_elsewhere_are_refused(runner, tmp_path, monkeypatch):
