@@ -233,6 +233,7 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         steps = cfg["steps"]
         cfg["steps"] = [2, 2, 2, 2]  # warm-up: same shapes, fewer steps (sessions, kernels, allocator); not timed
         gen(1)
+        gen(cfg["batch"])  # the batch's shapes too (torch.compile compiles per shape: its first call would be timed)
         cfg["steps"] = steps
         runs, per_net = [], []
         for _ in range(cfg["repeats"]):
