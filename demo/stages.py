@@ -173,10 +173,11 @@ def prior_stage(ctx: Context) -> Stage:
 
 
 def sample_prior(prior, tok, text, prompts, stats, dev) -> torch.Tensor:
-    """CLIP image embeddings for prompts: 25 DDIM steps, guidance 4 (the engine's defaults)."""
+    """CLIP image embeddings for prompts: 25 DDIM steps at the model's prior guidance (GENERATION)."""
     e, H, m = encode_text(tok, text, [""] * len(prompts) + list(prompts), dev)  # [uncond; cond]
     x = torch.randn((len(prompts), e.shape[1]), generator=torch.Generator().manual_seed(0)).to(dev)
-    x = _ddim(lambda x, t, i: prior(x, t, e, H, m), 4.0, None, x, step_table(25), clip=5.0)
+    scale = GENERATION["prior_guidance"]
+    x = _ddim(lambda x, t, i: prior(x, t, e, H, m), scale, None, x, step_table(25), clip=5.0)
     return x * stats[1] + stats[0]
 
 

@@ -20,14 +20,12 @@ log = logging.getLogger(__name__)
 def run(req: Request, progress=None, notify=print, written: list | None = None) -> list[Path]:
     """Generate, vary, interpolate or edit as `req` says; returns the PNG paths (also appended to `written` as
     each is saved, so a caller that is interrupted knows what was kept)."""
-    for w in req.warnings():
-        log.warning(w)
     out = check_writable(req.out, "--out")
     dump = check_dump(req.dump, req.overwrite) if req.dump else None
     image = mp.load_image(req.variation) if req.variation is not None else None
     b = open_backend(req, notify)
     req = replace(req, settings=mp.for_model(req.settings, b.spec))  # the guidance it runs with, in every PNG
-    for w in req.unknown_words(b.spec):
+    for w in req.warnings() + req.unknown_words(b.spec):  # after the model's scales are known (--negative at 1)
         log.warning(w)
     written = [] if written is None else written
     params = {"prompt": req.prompt or "", "seed": req.settings.seed, "model": model_name(req.model),

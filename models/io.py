@@ -309,12 +309,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> U
     tp = idx.get("text_proj")
     if isinstance(tp, list) and len(tp) == 2 and tp[1] != "UnCLIPTextProjModel":
         raise ModelLoadError(f"{index}: text_proj is a {tp[1]}, expected UnCLIPTextProjModel")
+    defaults = read_generation_config(root)  # before gigabytes of weights: a typo there is reported at once
     modules = {comp.attr: load_component(root, comp, dtype) for comp in COMPONENTS}
     tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
     schedulers = {stage: load_scheduler(root / folder / "scheduler_config.json", KARLO_SCHEDULERS[stage])
                   for stage, folder in SCHEDULER_FOLDERS.items()}
     return UnCLIPModel(tokenizer=tokenizer, schedulers=schedulers, name=root.name,
-                       defaults=read_generation_config(root), **modules)
+                       defaults=defaults, **modules)
 
 
 GENERATION_CONFIG = "generation_config.json"  # optional, in the model folder's root (diffusers ignores it)
@@ -326,7 +327,14 @@ def read_generation_config(root: Path) -> dict[str, float]:
     path = root / GENERATION_CONFIG
     if not path.is_file():
         return {}
-    raw = _read_json(path, GENERATION_CONFIG)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    except PermissionError:
+        raise ModelLoadError(f"{path}: permission denied; ask the folder's owner for read access") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object of guidance scales; fix or delete the file")
     out = {}
     for k, v in raw.items():
         if k.startswith("_"):

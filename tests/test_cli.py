@@ -31,7 +31,7 @@ def test_generates_pngs_with_metadata_and_dump(runner, tmp_path):
     img = Image.open(paths[0])
     assert img.size == (64, 64) and img.text["prompt"] == "a photo of a cat" and img.text["backend"] == "onnxruntime"
     assert json.loads(img.text["prior_steps"]) == 3 and img.text["model"] == "tiny"
-    # a model folder without generation_config.json runs at Karlo's scales, and the PNG says which
+    # a model without generation_config.json (the built-in tiny) runs at Karlo's scales, and the PNG says which
     assert json.loads(img.text["prior_guidance"]) == 4.0 and json.loads(img.text["decoder_guidance"]) == 8.0
     meta = json.loads((tmp_path / "d" / "dump.json").read_text())
     assert meta["timesteps"]["sr256"] == [999, 0]
@@ -115,3 +115,12 @@ def test_tensorrt_without_tensorrt_one_line(runner, monkeypatch):
 def test_unsupported_device_one_line(runner, device):
     res = runner.invoke(main, ["cat", *FAST, "--device", device])
     assert res.exit_code == 1 and f"--device {device!r} is not supported" in res.output, res.output
+
+
+def test_demo_runs_at_its_own_decoder_guidance(runner):
+    """The shipped demo folder's generation_config.json (decoder 3) is the default; the PNG records it."""
+    res = runner.invoke(main, ["a red circle", "--backend", "torch", "--size", "32", "--prior-steps", "2",
+                               "--decoder-steps", "2"])
+    assert res.exit_code == 0, res.output
+    img = Image.open(res.stdout.split()[0])
+    assert json.loads(img.text["decoder_guidance"]) == 3.0 and json.loads(img.text["prior_guidance"]) == 4.0

@@ -652,3 +652,12 @@ def test_png_metadata_holds_names_not_local_paths(runner, tmp_path, mode):
 
 def test_version(runner):
     assert _ok(runner.invoke(main, ["--version"])).stdout.strip()
+
+
+def test_negative_warns_when_the_models_own_scales_are_1(runner, tmp_path):
+    """The check runs on the scales the request runs with, the model folder's generation_config.json included."""
+    from unclip.models import build_preset, save_model
+    folder = save_model(build_preset("tiny"), tmp_path / "ones")
+    (folder / "generation_config.json").write_text(json.dumps({"prior_guidance": 1.0, "decoder_guidance": 1.0}))
+    args = ["cat", *FAST, "--model", str(folder), "--backend", "torch", "--negative", "dog"]
+    assert "--negative is not used" in _ok(runner.invoke(main, args)).stderr

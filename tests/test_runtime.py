@@ -271,3 +271,13 @@ def test_bad_generation_config_is_one_clear_error(tiny_folder, tmp_path, content
 def test_guide_refuses_an_unresolved_scale():
     with pytest.raises(ValueError, match="for_model"):
         guide(lambda x, t, i: x, None)(torch.zeros(1, 3), torch.zeros(1), 0)
+
+
+def test_unreadable_generation_config_says_fix_or_delete(tiny_folder, tmp_path):
+    from unclip.models import ModelLoadError, load_model
+    from unclip.models.io import GENERATION_CONFIG
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    (own / GENERATION_CONFIG).write_text("{decoder_guidance: 3")
+    with pytest.raises(ModelLoadError, match="not valid JSON .*fix or delete the file"):
+        load_model(own)
