@@ -208,17 +208,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                              "download it again") from None
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, what: str, fix: str = "restore the file from the model download") -> dict[str, Any]:
     if not path.is_file():
         raise ModelLoadError(f"{path}: {what} is missing; copy the whole model folder")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); restore the file from the model download") from None
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); {fix}") from None
     except PermissionError:
         raise ModelLoadError(f"{path}: permission denied; ask the folder's owner for read access") from None
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object; restore the file from the model download")
+        raise ModelLoadError(f"{path}: expected a JSON object; {fix}")
     return data
 
 
@@ -327,14 +327,7 @@ def read_generation_config(root: Path) -> dict[str, float]:
     path = root / GENERATION_CONFIG
     if not path.is_file():
         return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    except PermissionError:
-        raise ModelLoadError(f"{path}: permission denied; ask the folder's owner for read access") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object of guidance scales; fix or delete the file")
+    raw = _read_json(path, GENERATION_CONFIG, fix="fix or delete the file (it is this project's, not a download's)")
     out = {}
     for k, v in raw.items():
         if k.startswith("_"):
