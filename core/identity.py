@@ -12,6 +12,9 @@ from unclip.core.errors import ModelLoadError
 RANDOM_PRESETS = ("tiny", "small", "karlo")  # seeded random weights, defined in unclip.models.presets
 TRAINED = ("demo",)  # trained weights, shipped in the package
 NAMES = TRAINED + RANDOM_PRESETS
+# A model folder's default guidance scales (unclip.models.io.read_generation_config). Left out of the fingerprint:
+# engines don't depend on them, and every backend reads them from the model folder when it opens.
+GENERATION_CONFIG = "generation_config.json"
 
 
 def demo_folder() -> Path:
@@ -45,7 +48,8 @@ def fingerprint(model: str) -> str:
 
 def _folder_fingerprint(root: Path, h) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and p.relative_to(root).as_posix() != GENERATION_CONFIG)
     for p in files:
         st = p.stat()
         h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}:".encode())

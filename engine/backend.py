@@ -7,6 +7,7 @@ is an UnclipError with one line naming the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Protocol
@@ -118,7 +119,17 @@ def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
         from unclip.engine.backend_trt import TensorRTBackend
         b = TensorRTBackend(out, req.device, fix)
     check_export(b.manifest, out, req.model, precision, fix)
+    b.spec = dataclasses.replace(b.spec, defaults=model_defaults(req.model))  # today's file, not the export's
     return b
+
+
+def model_defaults(model: str) -> dict[str, float]:
+    """The guidance scales of the model's generation_config.json ({} for a random preset or a folder without one)."""
+    from unclip.core.identity import RANDOM_PRESETS, demo_folder
+    if model in RANDOM_PRESETS:
+        return {}
+    from unclip.models.io import read_generation_config
+    return read_generation_config(demo_folder() if model == "demo" else Path(model))
 
 
 def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str) -> None:

@@ -3,6 +3,7 @@ the manifest. Re-running skips networks whose inputs (weights, contract, options
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -317,14 +318,19 @@ def _fingerprint(source: str) -> str | None:
         return None
 
 
+def _sizes(spec_json: str | None) -> dict | None:
+    """A spec without its default guidance scales (they live in the model folder; engines don't depend on them)."""
+    return None if spec_json is None else {k: v for k, v in json.loads(spec_json).items() if k != "defaults"}
+
+
 def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: str) -> dict:
     """The folder's manifest to update, or a new one. Engines of another model are replaced only with force."""
     try:
         manifest = read_manifest(out, fix)
     except ExportError:
         return {"format": FORMAT, "networks": {}}
-    same = manifest.get("spec") == spec.to_json() and manifest.get("source_path") == (source_path(source) if source
-                                                                                       else None)
+    same = _sizes(manifest.get("spec")) == _sizes(spec.to_json()) and manifest.get("source_path") == (
+        source_path(source) if source else None)
     if same and (not source or manifest.get("fingerprint") == _fingerprint(source)):
         return manifest
     if same:  # the same model folder, edited since: its networks are all exported again (their keys changed)

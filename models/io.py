@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from unclip.core.artifacts import default_mode
+from unclip.core.identity import GENERATION_CONFIG
 from unclip.core.tokenizer import CLIPTokenizer
 from unclip.models.clip import TRANSFORMERS_METADATA
 from unclip.models.common import ModelLoadError, config_from_dict, config_to_dict
@@ -318,7 +319,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> U
                        defaults=defaults, **modules)
 
 
-GENERATION_CONFIG = "generation_config.json"  # optional, in the model folder's root (diffusers ignores it)
+# GENERATION_CONFIG (core.identity): optional, in the model folder's root; diffusers ignores it
 GENERATION_KEYS = ("prior_guidance", "decoder_guidance")
 
 

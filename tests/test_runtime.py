@@ -281,3 +281,30 @@ def test_unreadable_generation_config_says_fix_or_delete(tiny_folder, tmp_path):
     (own / GENERATION_CONFIG).write_text("{decoder_guidance: 3")
     with pytest.raises(ModelLoadError, match="not valid JSON .*fix or delete the file"):
         load_model(own)
+
+
+def test_editing_generation_config_needs_no_reexport(tiny_folder, tmp_path):
+    """Engines don't depend on the default scales: a changed file is read when a backend opens, the export stays."""
+    from types import SimpleNamespace
+
+    from unclip.core.identity import fingerprint
+    from unclip.engine.backend import open_backend
+    from unclip.models import load_model
+    from unclip.models.io import GENERATION_CONFIG
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    out = tmp_path / "eng"
+    export_model(load_model(own), out, source=str(own))
+    before = fingerprint(str(own))
+    (own / GENERATION_CONFIG).write_text(json.dumps({"prior_guidance": 2.0}))
+    assert fingerprint(str(own)) == before
+    req = SimpleNamespace(backend="onnxruntime", model=str(own), engines=str(out), device="cpu", precision="fp32",
+                          max_batch=1)
+    b = open_backend(req, notify=lambda m: pytest.fail(f"exported again: {m}"))
+    assert b.spec.defaults == {"prior_guidance": 2.0}
+    plain = TorchBackend(load_model(tiny_folder))
+    two = Settings(**{**FAST.__dict__, "prior_guidance": 2.0})
+    a = generate(b, b.spec, "a cat", FAST).images.float()
+    ref = generate(plain, plain.spec, "a cat", two).images.float()
+    assert (a - ref).abs().mean() <= 2e-3 * 255  # onnxruntime vs torch, at the file's scale
+    export_model(load_model(own), out, source=str(own))  # same folder, only the scales changed: no --force needed
