@@ -32,10 +32,10 @@ KARLO_GUIDANCE = {"prior_guidance": 4.0, "decoder_guidance": 8.0}  # diffusers' 
 def for_model(settings: Settings, spec: ModelSpec) -> Settings:
     """`settings` with each guidance scale left at None set to the model's own (spec.defaults, from the folder's
     generation_config.json), or else to Karlo's. Every entry point calls it; a resolved Settings passes unchanged."""
-    given = {k: getattr(settings, k) for k in KARLO_GUIDANCE if getattr(settings, k) is None}
-    if not given:
+    unset = [k for k in KARLO_GUIDANCE if getattr(settings, k) is None]
+    if not unset:
         return settings
-    return replace(settings, **{k: float(spec.defaults.get(k, KARLO_GUIDANCE[k])) for k in given})
+    return replace(settings, **{k: float(spec.defaults.get(k, KARLO_GUIDANCE[k])) for k in unset})
 
 
 @dataclass(frozen=True)
