@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     p.add_argument("--pictures", default="docs", help="folder for the README's pictures ('' for none)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    # The defaults: 25/25/7/15 steps, the model's guidance scales (demo: 4 / 3), ddim, the model's largest size.
+    # The defaults: the model's steps and guidance scales (generation_config.json; demo: 25/25/5/5, 4 / 3, else
+    # Karlo's 25/25/7/15, 4 / 8), ddim, the model's largest size.
     settings = Settings(size=a.size)
     prompts = world.sample_prompts(a.n, seed=2026)
     import importlib.util

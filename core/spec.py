@@ -29,7 +29,7 @@ class ModelSpec:
     clip_std: list[float] = field(default_factory=list)
     schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokenizer_files: dict[str, str] = field(default_factory=dict)  # name -> base64
-    defaults: dict[str, float] = field(default_factory=dict)  # the model's guidance scales (generation_config.json)
+    defaults: dict[str, float | int] = field(default_factory=dict)  # guidance scales, steps (generation_config.json)
 
     @property
     def networks(self) -> list[str]:

@@ -1,6 +1,6 @@
 """`unclip-train`: train the demo model, every stage, into a diffusers-layout model folder.
 
-    unclip-train --out demo/model                 # the shipped model: about 2.5 hours on a 2-core CPU
+    unclip-train --out demo/model                 # the shipped model: about 2 h 45 min on a 2-core CPU
     unclip-train --out /tmp/m --config smoke      # every stage in seconds
 
 Stages run in order (clip, prior, decoder, sr256, sr1024); each writes its finished component folders (fp16)

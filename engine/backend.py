@@ -123,7 +123,7 @@ def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
     return b
 
 
-def model_defaults(model: str) -> dict[str, float]:
+def model_defaults(model: str) -> dict[str, float | int]:
     """The guidance scales of the model's generation_config.json ({} for a random preset or a folder without one)."""
     from unclip.core.identity import RANDOM_PRESETS, demo_folder
     if model in RANDOM_PRESETS:

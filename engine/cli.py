@@ -36,12 +36,12 @@ def _progress(stage: str, i: int, n: int) -> None:
 @click.option("--num-images", type=int, default=D.num_images)
 @click.option("--size", type=int, default=None, help="image side in pixels, one of the model's stage sizes "
               "(Karlo 64, 256; demo 32, 128, 512) [default: the model's largest]")
-@click.option("--prior-steps", type=int, default=D.prior_steps)
+@click.option("--prior-steps", type=int, default=None, help="[default: the model's, else 25]")
 @click.option("--prior-guidance", type=float, default=None, help="[default: the model's, else Karlo's 4]")
-@click.option("--decoder-steps", type=int, default=D.decoder_steps)
+@click.option("--decoder-steps", type=int, default=None, help="[default: the model's, else 25]")
 @click.option("--decoder-guidance", type=float, default=None, help="[default: the model's (demo 3), else 8]")
-@click.option("--sr256-steps", type=int, default=D.sr256_steps)
-@click.option("--sr1024-steps", type=int, default=D.sr1024_steps)
+@click.option("--sr256-steps", type=int, default=None, help="[default: the model's, else 7]")
+@click.option("--sr1024-steps", type=int, default=None, help="[default: the model's, else 15]")
 @click.option("--sampler", type=click.Choice(samplers.CHOICES), default=D.sampler,
               help="ddpm (alias unclip) reproduces diffusers' UnCLIPScheduler")
 @click.option("--eta", type=float, default=D.eta, help="DDIM noise (0: deterministic)")

@@ -26,16 +26,21 @@ Progress = Callable[[str, int, int], None]
 MAX_SEED = 2 ** 63 - 1
 
 
-KARLO_GUIDANCE = {"prior_guidance": 4.0, "decoder_guidance": 8.0}  # diffusers' UnCLIPPipeline defaults
+# diffusers' UnCLIPPipeline defaults (sr1024: Karlo's own sampling script), used where a model has no own
+KARLO_GUIDANCE = {"prior_guidance": 4.0, "decoder_guidance": 8.0}
+KARLO_STEPS = {"prior_steps": 25, "decoder_steps": 25, "sr256_steps": 7, "sr1024_steps": 15}
+KARLO_DEFAULTS = {**KARLO_GUIDANCE, **KARLO_STEPS}
 
 
 def for_model(settings: Settings, spec: ModelSpec) -> Settings:
-    """`settings` with each guidance scale left at None set to the model's own (spec.defaults, from the folder's
-    generation_config.json), or else to Karlo's. Every entry point calls it; a resolved Settings passes unchanged."""
-    unset = [k for k in KARLO_GUIDANCE if getattr(settings, k) is None]
+    """`settings` with each guidance scale and step count left at None set to the model's own (spec.defaults, from
+    the folder's generation_config.json), or else to Karlo's. Every entry point calls it; a resolved Settings passes
+    unchanged."""
+    unset = [k for k in KARLO_DEFAULTS if getattr(settings, k) is None]
     if not unset:
         return settings
-    return replace(settings, **{k: float(spec.defaults.get(k, KARLO_GUIDANCE[k])) for k in unset})
+    kind = {**dict.fromkeys(KARLO_GUIDANCE, float), **dict.fromkeys(KARLO_STEPS, int)}
+    return replace(settings, **{k: kind[k](spec.defaults.get(k, KARLO_DEFAULTS[k])) for k in unset})
 
 
 @dataclass(frozen=True)
@@ -44,20 +49,21 @@ class Settings:
     seed: int = 0
     num_images: int = 1
     size: int | None = None  # image side in pixels, one of the model's stage sizes (None: its largest)
-    prior_steps: int = 25
+    prior_steps: int | None = None  # None: the model's count (generation_config.json), else Karlo's 25
     prior_guidance: float | None = None  # None: the model's scale (generation_config.json), else Karlo's 4
-    decoder_steps: int = 25
+    decoder_steps: int | None = None  # None: the model's, else 25
     decoder_guidance: float | None = None  # None: the model's scale, else Karlo's 8
-    sr256_steps: int = 7
-    sr1024_steps: int = 15
+    sr256_steps: int | None = None  # None: the model's, else 7
+    sr1024_steps: int | None = None  # None: the model's, else 15
     sampler: str = "ddim"
     eta: float = 0.0
     negative: str = ""  # the prompt of the unconditional half (prior and decoder)
 
     def __post_init__(self):
         for name in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps", "num_images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if (v is not None or name == "num_images") and (not isinstance(v, int) or v < 1):
+                raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v}")
         for name in ("prior_guidance", "decoder_guidance", "eta"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise RequestError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -180,6 +186,7 @@ def guide(run: Callable, scale: float, channels: int | None = None) -> Callable:
 def sample_stage(spec: ModelSpec, settings: Settings, stage: str, model: Callable, x: torch.Tensor, noise: Noise,
                  progress: Progress | None = None) -> torch.Tensor:
     """Run the chosen sampler over one diffusion stage; model(x, t_batch, i) -> network output (guided)."""
+    settings = for_model(settings, spec)
     s = spec.schedulers[stage]
     table = table_for(SimpleNamespace(**s), getattr(settings, STAGES[stage].steps))
     t_all = torch.as_tensor(table.timesteps.astype("float32"), device=x.device)  # no per-step host work
@@ -291,6 +298,7 @@ def decode(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: 
 def upsample_stage(backend, spec: ModelSpec, settings: Settings, stage: str, low: torch.Tensor, noise: Noise,
                    progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """sr256 (first-steps network, then the last-step network for the final step) or sr1024; no guidance."""
+    settings = for_model(settings, spec)
     size = spec.sr256_size if stage == "sr256" else spec.sr1024_size
     steps = getattr(settings, STAGES[stage].steps)
     low_res = upsample(low.clamp(-1, 1), size)  # hoisted out of the step loop
@@ -311,6 +319,7 @@ def images_per_call(backend) -> int:
 
 def timesteps(spec: ModelSpec, settings: Settings) -> dict[str, list[int]]:
     """Each diffusion stage's timesteps for these settings, up to settings.size."""
+    settings = for_model(settings, spec)
     last = IMAGE_STAGES.index(final_stage(spec, settings.size))
     return {st: table_for(SimpleNamespace(**spec.schedulers[st]), getattr(settings, STAGES[st].steps)).timesteps.tolist()
             for st in ("prior", *IMAGE_STAGES[:last + 1])}

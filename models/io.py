@@ -320,11 +320,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> U
 
 
 # GENERATION_CONFIG (core.identity): optional, in the model folder's root; diffusers ignores it
-GENERATION_KEYS = ("prior_guidance", "decoder_guidance")
+GENERATION_SCALES = ("prior_guidance", "decoder_guidance")
+GENERATION_STEPS = ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps")
+GENERATION_KEYS = GENERATION_SCALES + GENERATION_STEPS
 
 
-def read_generation_config(root: Path) -> dict[str, float]:
-    """The guidance scales a model folder recommends ({} without the file: the engine uses Karlo's 4 / 8)."""
+def read_generation_config(root: Path) -> dict[str, float | int]:
+    """The guidance scales and step counts a model folder recommends ({} without the file: the engine uses Karlo's
+    4 / 8 and 25 / 25 / 7 / 15)."""
     path = root / GENERATION_CONFIG
     if not path.is_file():
         return {}
@@ -335,9 +338,14 @@ def read_generation_config(root: Path) -> dict[str, float]:
             continue
         if k not in GENERATION_KEYS:
             raise ModelLoadError(f"{path}: unknown key {k!r}; it may hold {', '.join(GENERATION_KEYS)}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if k in GENERATION_STEPS:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ModelLoadError(f"{path}: {k} must be a whole number >= 1, got {v!r}; fix or delete the file")
+            out[k] = v
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ModelLoadError(f"{path}: {k} must be a finite number >= 0, got {v!r}; fix or delete the file")
-        out[k] = float(v)
+        else:
+            out[k] = float(v)
     return out
 
 
@@ -379,7 +387,7 @@ def save_component(module: nn.Module, root: str | os.PathLike, folder: str, dtyp
 
 
 def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[str, SchedulerConfig],
-                         sr1024: bool, defaults: dict[str, float] | None = None) -> None:
+                         sr1024: bool, defaults: dict[str, float | int] | None = None) -> None:
     """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks (and
     generation_config.json where the model has its own guidance scales)."""
     index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}

@@ -32,10 +32,10 @@ class Strict(BaseModel):
 
 
 class Steps(Strict):
-    prior: int | None = Field(None, description=f"prior steps [default: {D.prior_steps}]")
-    decoder: int | None = Field(None, description=f"decoder steps [default: {D.decoder_steps}]")
-    sr256: int | None = Field(None, description=f"first upsampler steps [default: {D.sr256_steps}]")
-    sr1024: int | None = Field(None, description=f"second upsampler steps [default: {D.sr1024_steps}]")
+    prior: int | None = Field(None, description="prior steps [default: the model's, else 25]")
+    decoder: int | None = Field(None, description="decoder steps [default: the model's, else 25]")
+    sr256: int | None = Field(None, description="first upsampler steps [default: the model's, else 7]")
+    sr1024: int | None = Field(None, description="second upsampler steps [default: the model's, else 15]")
 
 
 class Guidance(Strict):

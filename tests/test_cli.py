@@ -118,9 +118,13 @@ def test_unsupported_device_one_line(runner, device):
 
 
 def test_demo_runs_at_its_own_decoder_guidance(runner):
-    """The shipped demo folder's generation_config.json (decoder 3) is the default; the PNG records it."""
+    """The shipped demo folder's generation_config.json (decoder 3, upsamplers 5 steps) is the default; the PNG
+    records it."""
     res = runner.invoke(main, ["a red circle", "--backend", "torch", "--size", "32", "--prior-steps", "2",
                                "--decoder-steps", "2"])
     assert res.exit_code == 0, res.output
     img = Image.open(res.stdout.split()[0])
     assert json.loads(img.text["decoder_guidance"]) == 3.0 and json.loads(img.text["prior_guidance"]) == 4.0
+    # its step counts too (upsamplers 5 / 5), where the command left them out; given ones win
+    assert [json.loads(img.text[k]) for k in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps")] == \
+        [2, 2, 5, 5]

@@ -253,9 +253,33 @@ def test_guidance_left_unset_is_the_models_own_else_karlos(tiny_folder, tmp_path
     assert OnnxRuntimeBackend(out).spec.defaults == {"decoder_guidance": 2.5}
 
 
+def test_step_counts_left_unset_are_the_models_own_else_karlos(tiny_folder, tmp_path):
+    from unclip.engine.pipeline import timesteps
+    from unclip.models import load_model
+    from unclip.models.io import GENERATION_CONFIG
+    plain = TorchBackend(load_model(tiny_folder))
+    counts = {k: len(v) for k, v in timesteps(plain.spec, Settings()).items()}
+    assert counts == {"prior": 25, "decoder": 25, "sr256": 7, "sr1024": 15}  # diffusers' defaults; sr1024 Karlo's
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    (own / GENERATION_CONFIG).write_text(json.dumps({"sr256_steps": 2, "decoder_steps": 4}))
+    b = TorchBackend(load_model(own))
+    assert b.spec.defaults == {"sr256_steps": 2, "decoder_steps": 4}
+    counts = {k: len(v) for k, v in timesteps(b.spec, Settings()).items()}
+    assert counts == {"prior": 25, "decoder": 4, "sr256": 2, "sr1024": 15}
+    unset = Settings(prior_steps=5, size=64)
+    mine = generate(b, b.spec, "a cat", unset).images
+    explicit = Settings(prior_steps=5, decoder_steps=4, sr256_steps=2, size=64)
+    assert torch.equal(mine, generate(plain, plain.spec, "a cat", explicit).images)
+    assert not torch.equal(mine, generate(plain, plain.spec, "a cat", unset).images)  # 25 and 7 steps there
+    assert torch.equal(generate(b, b.spec, "a cat", FAST).images, generate(plain, plain.spec, "a cat", FAST).images)
+
+
 @pytest.mark.parametrize("content, words", [({"decoder_scale": 3}, "unknown key 'decoder_scale'"),
                                             ({"decoder_guidance": "3"}, "decoder_guidance must be a finite number"),
                                             ({"prior_guidance": -1}, "prior_guidance must be a finite number"),
+                                            ({"sr1024_steps": 0}, "sr1024_steps must be a whole number >= 1"),
+                                            ({"decoder_steps": 2.5}, "decoder_steps must be a whole number >= 1"),
                                             ([3.0], "expected a JSON object")])
 def test_bad_generation_config_is_one_clear_error(tiny_folder, tmp_path, content, words):
     from unclip.models import ModelLoadError, load_model
