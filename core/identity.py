@@ -12,8 +12,8 @@ from unclip.core.errors import ModelLoadError
 RANDOM_PRESETS = ("tiny", "small", "karlo")  # seeded random weights, defined in unclip.models.presets
 TRAINED = ("demo",)  # trained weights, shipped in the package
 NAMES = TRAINED + RANDOM_PRESETS
-# A model folder's default guidance scales (unclip.models.io.read_generation_config). Left out of the fingerprint:
-# engines don't depend on them, and every backend reads them from the model folder when it opens.
+# A model folder's default guidance scales and step counts (unclip.models.io.read_generation_config). Left out of
+# the fingerprint: engines don't depend on them, and every backend reads them from the model folder when it opens.
 GENERATION_CONFIG = "generation_config.json"
 
 

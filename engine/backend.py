@@ -124,7 +124,8 @@ def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
 
 
 def model_defaults(model: str) -> dict[str, float | int]:
-    """The guidance scales of the model's generation_config.json ({} for a random preset or a folder without one)."""
+    """The guidance scales and step counts of the model's generation_config.json ({} for a random preset or a
+    folder without one)."""
     from unclip.core.identity import RANDOM_PRESETS, demo_folder
     if model in RANDOM_PRESETS:
         return {}

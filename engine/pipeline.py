@@ -62,7 +62,7 @@ class Settings:
     def __post_init__(self):
         for name in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps", "num_images"):
             v = getattr(self, name)
-            if (v is not None or name == "num_images") and (not isinstance(v, int) or v < 1):
+            if (v is not None or name == "num_images") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v}")
         for name in ("prior_guidance", "decoder_guidance", "eta"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):

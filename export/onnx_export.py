@@ -319,7 +319,8 @@ def _fingerprint(source: str) -> str | None:
 
 
 def _sizes(spec_json: str | None) -> dict | None:
-    """A spec without its default guidance scales (they live in the model folder; engines don't depend on them)."""
+    """A spec without its default guidance scales and steps (they live in the model folder; engines don't depend on
+    them)."""
     return None if spec_json is None else {k: v for k, v in json.loads(spec_json).items() if k != "defaults"}
 
 

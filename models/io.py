@@ -87,7 +87,7 @@ class UnCLIPModel:
     image_encoder: ImageEncoder | None = None
     schedulers: dict[str, SchedulerConfig] = field(default_factory=lambda: dict(KARLO_SCHEDULERS))
     name: str = "unclip"
-    defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json: the model's guidance scales
+    defaults: dict[str, float | int] = field(default_factory=dict)  # generation_config.json: scales, step counts
 
     def networks(self) -> dict[str, nn.Module]:
         """Stage-named modules that exist in this model (sr256 has two networks: first steps, last step)."""
@@ -389,7 +389,7 @@ def save_component(module: nn.Module, root: str | os.PathLike, folder: str, dtyp
 def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[str, SchedulerConfig],
                          sr1024: bool, defaults: dict[str, float | int] | None = None) -> None:
     """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks (and
-    generation_config.json where the model has its own guidance scales)."""
+    generation_config.json where the model has its own scales or step counts)."""
     index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}
     for comp in COMPONENTS:
         if comp.required:  # optional stages are found by their folder; diffusers would reject them in the index

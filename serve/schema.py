@@ -95,6 +95,10 @@ def settings_of(req: Common, cfg: ServeConfig, spec, per_call: int) -> Settings:
         final_stage(spec, s.size)
     except RequestError as e:
         raise Fail(422, field_names(str(e))) from None
+    for name, v in req.steps:  # the model's own step counts (generation_config.json) are capped too
+        if v is None and not (variation and name == "prior") and getattr(s, f"{name}_steps") > cfg.max_steps:
+            raise Fail(422, f"steps.{name}: the model's default of {getattr(s, f'{name}_steps')} steps is over this "
+                            f"server's cap of {cfg.max_steps}; pass steps.{name}")
     return s
 
 

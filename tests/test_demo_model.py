@@ -51,7 +51,7 @@ def verdicts(torch_backend):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 9's target is not reached yet: the shipped model gets every named "
-                   "attribute right for 54% of these prompts (shape 62%, colour 92%); see README 'Quality'")
+                   "attribute right for 75% of these prompts (shape 75%, colour 96%); see README 'Quality'")
 def test_draws_what_the_prompt_names(verdicts):
     right = [all(m.values()) for m in verdicts]
     assert np.mean(right) >= 0.9, [p for p, ok in zip(PROMPTS, right) if not ok]

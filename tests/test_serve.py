@@ -431,3 +431,17 @@ def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(url, ort):
         time.sleep(1.0)
     assert got[0] == 200, got
     assert torch.equal(decoded(got[1]["images"][0]), alone(ort, ask["prompt"], replace(FAST, seed=5)))
+
+def test_a_models_own_step_counts_are_capped_like_a_requests():
+    """generation_config.json's steps fill what a request leaves out, and the server's --max-steps caps them too."""
+    from unclip.core.spec import spec_from_model
+    from unclip.serve.config import ServeConfig
+    from unclip.serve.schema import Fail, ImagesRequest, VariationRequest, settings_of
+    spec = replace(spec_from_model(build_preset("tiny")), defaults={"decoder_steps": 40, "prior_steps": 90})
+    cfg = ServeConfig(model="tiny", max_steps=50)
+    with pytest.raises(Fail, match=r"steps.prior: the model's default of 90 steps is over this server's cap of 50; "
+                                   r"pass steps.prior"):
+        settings_of(ImagesRequest(prompt="x"), cfg, spec, 4)
+    s = settings_of(ImagesRequest(prompt="x", steps={"prior": 10}), cfg, spec, 4)
+    assert (s.prior_steps, s.decoder_steps, s.sr256_steps, s.sr1024_steps) == (10, 40, 7, 15)
+    assert settings_of(VariationRequest(), cfg, spec, 4).decoder_steps == 40  # a variation has no prior to cap
