@@ -53,6 +53,10 @@ class DemoConfig:
     sr1024_channels: tuple[int, ...] = (8, 16, 32, 64)
     sr1024_groups: int = 4
     sr1024_crop: int = 128
+    # upsamplers: chance per crop axis of sitting on the image border (data.crop_origin); sr256 trained with 0.3
+    # did no better at 128 px than without (training.json's notes), so the shipped sr256 is the one without
+    sr256_edge_crop: float = 0.0
+    sr1024_edge_crop: float = 0.3
     gamma: float = 5.0  # cap of the image stages' x0 loss weight clamp(SNR, 1, gamma) (see losses.py)
     vlb_weight: float = 1e-4  # IDDPM's 1e-3 was relative to epsilon MSE, about 10x our x0 MSE
     image_dropout: float = 0.1  # decoder: CLIP image embedding dropped (paper)

@@ -4,6 +4,7 @@ a seed fixes the data."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,22 +80,48 @@ def degrade(low: torch.Tensor, gen: torch.Generator, max_blur: float, max_noise:
     return x.clamp(-1, 1)
 
 
-def sr_batch(rng: np.random.Generator, gen: torch.Generator, n: int, size: int, crop: int, max_blur: float,
-             max_noise: float, resize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_origin(rng: np.random.Generator, scene: world.Scene, size: int, crop: int, edge_crop: float) -> tuple[int, int]:
+    """Top-left corner of an upsampler's training crop: three in four on the object (plain background teaches
+    little), the rest anywhere. The pipeline upsamples whole images, whose borders meet the convolutions' zero
+    padding, and a crop drawn anywhere almost never touches a border (sr1024 then drew a coloured line along the
+    image's edges): each axis is moved onto its nearer border with probability edge_crop."""
+    if rng.random() < 0.75:
+        cx = scene.cx * size + rng.uniform(-crop / 2, crop / 2)
+        cy = scene.cy * size + rng.uniform(-crop / 2, crop / 2)
+        x0 = int(np.clip(round(cx - crop / 2), 0, size - crop))
+        y0 = int(np.clip(round(cy - crop / 2), 0, size - crop))
+    else:
+        x0, y0 = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+    if edge_crop > 0:  # (no draws at 0: the data stream the first upsamplers were trained on)
+        if rng.random() < edge_crop:
+            x0 = 0 if x0 < (size - crop) / 2 else size - crop
+        if rng.random() < edge_crop:
+            y0 = 0 if y0 < (size - crop) / 2 else size - crop
+    return x0, y0
+
+
+@dataclass(frozen=True)
+class SRData:
+    """How one upsampler's training pairs are made: output side, crop side, the low-res input's degradation
+    (degrade's arguments) and the crops' chance of sitting on the border (crop_origin's)."""
+    size: int
+    crop: int
+    max_blur: float
+    max_noise: float
+    resize: bool
+    edge_crop: float = 0.0
+
+
+def sr_batch(rng: np.random.Generator, gen: torch.Generator, n: int, d: SRData) -> tuple[torch.Tensor, torch.Tensor]:
     """(high-res crops (n, 3, crop, crop), their conditioning: the degraded size/4 render upsampled as the pipeline
-    does, same crops). Three crops in four are placed on the object (plain background teaches little)."""
+    does, same crops), the crops placed by crop_origin."""
+    size, crop = d.size, d.crop
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    low = degrade(pixels(scenes, size // 4), gen, max_blur, max_noise, resize)
+    low = degrade(pixels(scenes, size // 4), gen, d.max_blur, d.max_noise, d.resize)
     up = upsample(low, size)  # (n, 3, size, size): antialiased bicubic, as the pipeline conditions the upsampler
     hr, cond = [], []
     for i, s in enumerate(scenes):
-        if rng.random() < 0.75:
-            cx = s.cx * size + rng.uniform(-crop / 2, crop / 2)
-            cy = s.cy * size + rng.uniform(-crop / 2, crop / 2)
-            x0 = int(np.clip(round(cx - crop / 2), 0, size - crop))
-            y0 = int(np.clip(round(cy - crop / 2), 0, size - crop))
-        else:
-            x0, y0 = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+        x0, y0 = crop_origin(rng, s, size, crop, d.edge_crop)
         img = world.render(s, size, window=(x0, y0, crop, crop)).astype(np.float32)
         hr.append(torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1)
         cond.append(up[i, :, y0:y0 + crop, x0:x0 + crop])

@@ -255,10 +255,11 @@ def sr_stage(ctx: Context, stage: str) -> Stage:
     crop = cfg.sr256_crop if stage == "sr256" else cfg.sr1024_crop
     sch = cfg.sr256 if stage == "sr256" else cfg.sr1024
     sched = losses.Schedule()
+    pairs = data.SRData(size, crop, max_blur=1.0 if stage == "sr256" else 1.5, max_noise=0.04, resize=stage == "sr1024",
+                        edge_crop=cfg.sr256_edge_crop if stage == "sr256" else cfg.sr1024_edge_crop)
 
     def loss():
-        hr, low = data.sr_batch(ctx.rng, ctx.gen, sch.batch, size, crop, max_blur=1.0 if stage == "sr256" else 1.5,
-                                max_noise=0.04, resize=stage == "sr1024")
+        hr, low = data.sr_batch(ctx.rng, ctx.gen, sch.batch, pairs)
         hr, low = hr.to(dev), low.to(dev)
         t = torch.randint(0, sched.T, (hr.shape[0],), generator=ctx.gen)
         x_t = sched.noise(hr, t.to(dev), torch.randn(hr.shape, generator=ctx.gen).to(dev))

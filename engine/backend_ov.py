@@ -25,6 +25,49 @@ def require_openvino():
     return openvino
 
 
+def _ints(node, name: str):
+    return next((list(a.ints) for a in node.attribute if a.name == name), None)
+
+
+def _int(node, name: str):
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
+def fuse_group_norms(model) -> int:
+    """Merge each pair ReduceMean(axes=[3]) -> ReduceMean(axes=[2]) (keepdims, the first read only by the second)
+    of an ONNX graph into one ReduceMean(axes=[2, 3]), in place; returns how many. The export writes the mean and
+    variance of large GroupNorm groups in two stages for onnxruntime's accuracy (export.onnx_export.
+    _split_group_norm); merged, the GroupNorm is the pattern OpenVINO fuses into one MVN kernel, whose own
+    accumulation is as accurate (the demo's sr1024 in fp32: 1.4e-6 of the output scale from the unmerged graph) and
+    which is faster than the many small ops (that sr1024: 7% less time per call, in bf16 and in fp32). Merging
+    means of equal-sized slices is exact, so any graph may pass through."""
+    nodes = list(model.graph.node)
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    merged = set()
+    for n in nodes:
+        if n.op_type != "ReduceMean" or _ints(n, "axes") != [3] or _int(n, "keepdims") != 1 or n.output[0] in outputs:
+            continue
+        nxt = readers.get(n.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "ReduceMean" or _ints(nxt[0], "axes") != [2] \
+                or _int(nxt[0], "keepdims") != 1:
+            continue
+        second = nxt[0]
+        for a in second.attribute:
+            if a.name == "axes":
+                a.ints[:] = [2, 3]
+        second.input[0] = n.input[0]
+        merged.add(id(n))
+    if merged:
+        keep = [n for n in nodes if id(n) not in merged]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return len(merged)
+
+
 class OpenVINOBackend(ExportedGraphs):
     name = "openvino"
 
@@ -54,7 +97,7 @@ class OpenVINOBackend(ExportedGraphs):
             verify_files(self.dir, entry, network, self.fix + " --force")
             path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
             try:
-                compiled = self.core.compile_model(str(path), "CPU", self.config)
+                compiled = self.core.compile_model(self._read(path), "CPU", self.config)
             except RuntimeError as e:
                 raise ExportError(f"{path}: OpenVINO can't compile it ({str(e).splitlines()[0][:200]}); re-export: "
                                   f"{self.fix} --force") from None
@@ -68,6 +111,16 @@ class OpenVINOBackend(ExportedGraphs):
                                   f"replaced; re-export: {self.fix} --force")
             self.requests[network] = (compiled.create_infer_request(), contract)
         return self.requests[network]
+
+    def _read(self, path: Path):
+        """The graph as OpenVINO compiles it: with the export's two-stage GroupNorm means merged (fuse_group_norms),
+        which OpenVINO then runs as single MVN kernels; the file itself is not changed."""
+        import onnx
+        model = onnx.load(str(path), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external or not fuse_group_norms(model):  # a graph over 2 GB can't travel as one protobuf: as written
+            return self.core.read_model(str(path))
+        return self.core.read_model(model.SerializeToString())
 
     def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         request, contract = self._request(network)

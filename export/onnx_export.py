@@ -120,10 +120,9 @@ def _split_group_norm(m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     if (C // m.num_groups) * H * W <= LONG_REDUCTION:
         return nn.functional.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
     g = x.reshape(N, m.num_groups, (C // m.num_groups) * H, W)
-    mean = g.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
-    d = g - mean
-    var = (d * d).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
-    y = (d * torch.rsqrt(var + m.eps)).reshape(N, C, H, W)
+    d = g - g.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+    var = d.pow(2).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+    y = (d / torch.sqrt(var + m.eps)).reshape(N, C, H, W)  # Pow, Sqrt, Div: OpenVINO's MVN pattern (backend_ov)
     return y * m.weight.view(1, C, 1, 1) + m.bias.view(1, C, 1, 1) if m.affine else y
 
 

@@ -81,3 +81,18 @@ def test_deterministic_and_resumable(tmp_path, monkeypatch):
     d = tr.train(tmp_path / "d", "smoke", seed=2, only=("clip",), echo=_quiet)
     assert not torch.equal(_weights(d)["text_encoder/text_model.final_layer_norm.weight"],
                            wa["text_encoder/text_model.final_layer_norm.weight"])
+
+
+def test_upsampler_crops_reach_the_image_border():
+    """The pipeline upsamples whole images, so the upsamplers must also train on crops that touch the border (where
+    the convolutions' zero padding is): each side gets about edge_crop / 2 of the crops, none without it."""
+    import numpy as np
+    from unclip.demo import data, world
+    rng = np.random.default_rng(0)
+    size, crop, n = 512, 128, 4000
+    for edge_crop, low, high in ((0.0, 0.0, 0.01), (0.3, 0.12, 0.19)):
+        xs, ys = zip(*(data.crop_origin(rng, world.sample_scene(rng), size, crop, edge_crop) for _ in range(n)))
+        xs, ys = np.array(xs), np.array(ys)
+        assert xs.min() >= 0 and ys.min() >= 0 and xs.max() <= size - crop and ys.max() <= size - crop
+        for side in (xs == 0, xs == size - crop, ys == 0, ys == size - crop):
+            assert low <= side.mean() <= high, (edge_crop, side.mean())
