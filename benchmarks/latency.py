@@ -149,8 +149,9 @@ def worker_ours(cfg: dict) -> dict:
                                      device=cfg["device"], precision=cfg["precision"], max_batch=cfg["batch"],
                                      torch_mode=cfg["torch_mode"]),
                      notify=lambda m: print(m, file=sys.stderr))
-    for name in b.spec.networks:  # load every session/engine now: cold start, not first-step time
-        for load in ("session", "_request", "_load"):
+    for name in b.spec.networks:  # load every session/engine now: cold start, not first-step time (openvino
+        # reads its graphs here and compiles each input shape at its first call, i.e. in the warm-up)
+        for load in ("session", "_model", "_load"):
             if hasattr(b, load):
                 getattr(b, load)(name)
     from unclip.engine.pipeline import generate

@@ -15,6 +15,7 @@ from unclip.engine.backend import ExportedGraphs, failed
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
 _NP = {"float32": np.float32, "int64": np.int64}
+SHAPES_KEPT = 4  # compiled input shapes kept per network
 
 
 def require_openvino():
@@ -89,28 +90,52 @@ class OpenVINOBackend(ExportedGraphs):
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.device = torch.device("cpu")
-        self.requests: dict = {}
+        self.models: dict = {}  # network -> (ov.Model with a dynamic batch, Contract, path)
+        self.requests: dict = {}  # (network, input shapes) -> infer request, least recently used first
 
-    def _request(self, network: str):
-        if network not in self.requests:
+    def _model(self, network: str):
+        """The network's graph as read (batch dimension dynamic) and its contract, checked once."""
+        if network not in self.models:
             entry = self.entry(network)
             verify_files(self.dir, entry, network, self.fix + " --force")
             path = self.dir / next(f for f in entry["files"] if f.endswith(".onnx"))
             try:
-                compiled = self.core.compile_model(self._read(path), "CPU", self.config)
+                model = self._read(path)
             except RuntimeError as e:
-                raise ExportError(f"{path}: OpenVINO can't compile it ({str(e).splitlines()[0][:200]}); re-export: "
+                raise ExportError(f"{path}: OpenVINO can't read it ({str(e).splitlines()[0][:200]}); re-export: "
                                   f"{self.fix} --force") from None
             contract = Contract.from_manifest(network, entry)
             # a port can carry several tensor names (an output that is also an inner node's result): each of the
             # contract's names must name one port, and the port counts must match
-            ports = [p.get_names() for p in list(compiled.inputs) + list(compiled.outputs)]
+            ports = [p.get_names() for p in list(model.inputs) + list(model.outputs)]
             wanted = [t.name for t in contract.inputs + contract.outputs]
             if len(ports) != len(wanted) or not all(any(w in names for names in ports) for w in wanted):
                 raise ExportError(f"{path}: the graph's inputs/outputs are not those of {network}; the file was "
                                   f"replaced; re-export: {self.fix} --force")
-            self.requests[network] = (compiled.create_infer_request(), contract)
-        return self.requests[network]
+            self.models[network] = (model, contract, path)
+        return self.models[network]
+
+    def _request(self, network: str, shapes: dict[str, tuple[int, ...]]):
+        """An infer request compiled for these exact input shapes. OpenVINO's kernels for a static shape are
+        chosen and its buffers laid out once, at compile time: on the demo's networks in bf16, 8% (sr1024) to 20%
+        (decoder) less time per call than the same graph compiled with a dynamic batch. Each network keeps its
+        SHAPES_KEPT most recent shapes (a server sees a few batch sizes)."""
+        key = (network, tuple(sorted(shapes.items())))
+        request = self.requests.pop(key, None)  # re-inserted last: the dict's order is least recently used first
+        if request is None:
+            model, _, path = self._model(network)
+            static = model.clone()
+            try:
+                static.reshape({name: list(shape) for name, shape in shapes.items()})
+                request = self.core.compile_model(static, "CPU", self.config).create_infer_request()
+            except RuntimeError as e:
+                raise ExportError(f"{path}: OpenVINO can't compile it for inputs {dict(shapes)} "
+                                  f"({str(e).splitlines()[0][:200]}); re-export: {self.fix} --force") from None
+            same = [k for k in self.requests if k[0] == network]
+            for k in same[:max(0, len(same) - SHAPES_KEPT + 1)]:
+                del self.requests[k]
+        self.requests[key] = request
+        return request
 
     def _read(self, path: Path):
         """The graph as OpenVINO compiles it: with the export's two-stage GroupNorm means merged (fuse_group_norms),
@@ -123,9 +148,10 @@ class OpenVINOBackend(ExportedGraphs):
         return self.core.read_model(model.SerializeToString())
 
     def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        request, contract = self._request(network)
+        _, contract, _ = self._model(network)
         inputs = {t.name: feed[t.name].detach().cpu().numpy().astype(_NP[t.dtype], copy=False)
                   for t in contract.inputs}
+        request = self._request(network, {name: a.shape for name, a in inputs.items()})
         try:
             request.infer(inputs)
         except RuntimeError as e:

@@ -107,6 +107,11 @@ def versions() -> dict:
     return out
 
 
+# The form of the graphs this exporter writes, part of each network's export key: bump it when the same weights
+# would be written as different graphs, so that `unclip-export` replaces graphs of an older form. 2: large GroupNorm
+# groups reduced in two stages and written as Pow / Sqrt / Div (OpenVINO's MVN pattern, engine.backend_ov).
+GRAPH_FORM = 2
+
 LONG_REDUCTION = 1 << 16  # elements per GroupNorm group above which the export splits the reduction
 
 
@@ -260,7 +265,7 @@ def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _O
         for name in wanted:
             c = cs[name]
             key = sha256_json({"weights": weights_hash(nets[name]), "contract": repr(c), "options": options,
-                               "versions": ver})
+                               "versions": ver, "graph_form": GRAPH_FORM})
             entry = manifest["networks"].get(name)
             if not force and entry and entry.get("key") == key and _intact(out, entry, name):
                 reports.append(NetworkReport(name, True, sum(r["size"] for r in entry["files"].values()), 0.0,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from unclip.core.contract import contracts
 from unclip.engine.backend_ov import fuse_group_norms
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.pipeline import Settings, generate
-from unclip.export.onnx_export import export_model
 from unclip.models import build_preset
 
 ov = pytest.importorskip("openvino")
@@ -18,10 +18,8 @@ from unclip.engine.backend_ov import OpenVINOBackend
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eng") / "tiny"
-    export_model(build_preset("tiny"), out, source="tiny")
-    return out
+def engines(tiny_export):
+    return tiny_export  # conftest: exported once per session, read only here
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +45,29 @@ def test_each_network_matches_torch(engines, torch_backend):
             assert (out[k] - ref[k]).abs().max() <= 1e-4 * max(ref[k].abs().max(), 1e-6), (net, k)
 
 
+def test_each_input_shape_compiles_static_and_the_oldest_shapes_are_dropped(engines, torch_backend, monkeypatch):
+    """Each batch size gets its own compilation with every dimension fixed; past SHAPES_KEPT shapes of a network the
+    least recently used is dropped, and a dropped shape compiles again when it comes back, giving the same result."""
+    from unclip.engine import backend_ov
+    monkeypatch.setattr(backend_ov, "SHAPES_KEPT", 2)
+    b = OpenVINOBackend(engines)
+    c = contracts(b.spec)["decoder"]
+    feeds = {n: c.sample_inputs(n, b.spec, seed=n) for n in (1, 2, 3)}
+    first = b.run("decoder", feeds[1])["out"].clone()
+    b.run("decoder", feeds[2])
+    b.run("decoder", feeds[1])  # used again: now the most recent
+    b.run("decoder", feeds[3])  # drops batch 2, the least recently used
+    kept = [dict(k[1])["x_t"][0] for k in b.requests]
+    assert kept == [1, 3]
+    for request in b.requests.values():
+        assert all(p.get_partial_shape().is_static for p in request.get_compiled_model().inputs)
+    again = b.run("decoder", feeds[2])["out"]  # compiled afresh
+    ref = torch_backend.run("decoder", feeds[2])["out"]
+    assert (again - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert [dict(k[1])["x_t"][0] for k in b.requests] == [3, 2]
+    assert torch.equal(b.run("decoder", feeds[1])["out"], first)  # same shape compiled twice: the same numbers
+
+
 def _mvn_layers(compiled) -> int:
     return sum(op.get_rt_info()["layerType"].astype(str) == "MVN" for op in compiled.get_runtime_model().get_ops())
 
@@ -67,7 +88,8 @@ def test_split_group_norms_run_as_mvn_kernels(engines):
     assert fused == plain + pairs // 2
     b = OpenVINOBackend(engines)
     b.run("sr1024", contracts(b.spec)["sr1024"].sample_inputs(1, b.spec))
-    assert _mvn_layers(b.requests["sr1024"][0].get_compiled_model()) == fused  # the backend compiles the merged graph
+    (request,) = b.requests.values()
+    assert _mvn_layers(request.get_compiled_model()) == fused  # the backend compiles the merged graph
     assert path.read_bytes() == before
 
 

@@ -19,10 +19,8 @@ FAST = Settings(prior_steps=5, decoder_steps=5, sr256_steps=3, sr1024_steps=3, s
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eng") / "tiny"
-    export_model(build_preset("tiny"), out, source="tiny")
-    return out
+def engines(tiny_export):
+    return tiny_export  # conftest: exported once per session, read only here
 
 
 @pytest.fixture(scope="module", params=["torch", "reusing"])
@@ -140,6 +138,18 @@ def test_export_is_skipped_when_unchanged_and_manifest_complete(engines):
         assert key in m
     for entry in m["networks"].values():
         assert entry["max_abs"] <= 1e-4 and all(len(r["sha256"]) == 64 for r in entry["files"].values())
+
+
+def test_graphs_of_an_older_form_are_exported_again(engines, tmp_path, monkeypatch):
+    """Engines written by an exporter whose graph form has since changed are replaced by `unclip-export` without
+    --force (same weights, same versions), and the new graphs load."""
+    d = _copy(engines, tmp_path)
+    import unclip.export.onnx_export as ox
+    monkeypatch.setattr(ox, "GRAPH_FORM", ox.GRAPH_FORM + 1)
+    reports = export_model(build_preset("tiny"), d, stages=["prior"], source="tiny")
+    assert [(r.network, r.skipped) for r in reports] == [("prior", False)]
+    assert export_model(build_preset("tiny"), d, stages=["prior"], source="tiny")[0].skipped  # now current
+    OnnxRuntimeBackend(d).session("prior")
 
 
 def test_interrupted_export_is_loadable_or_refused(engines, tmp_path, monkeypatch):

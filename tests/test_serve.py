@@ -29,15 +29,14 @@ from unclip.engine.backend_ort import OnnxRuntimeBackend
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.manipulate import load_image, variation
 from unclip.engine.pipeline import Settings, encode_text, generate, to_uint8
-from unclip.export.onnx_export import export_model
 from unclip.models import build_preset
 from unclip.serve.cores import Cores
 from unclip.serve.jobs import (
     Job,
     join_text,
     lanes,
-    run_in_lanes,
     run_decoder,
+    run_in_lanes,
     run_prior,
     run_upsampler,
     split_text,
@@ -48,10 +47,8 @@ STEPS = {"prior": 3, "decoder": 3, "sr256": 2}
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-eng") / "tiny"
-    export_model(build_preset("tiny"), out, source="tiny")
-    return out
+def engines(tiny_export):
+    return tiny_export  # conftest: exported once per session, read only here
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +115,7 @@ def test_a_failing_call_is_run_again_job_by_job(ort):
 
 def test_lanes_split_a_batch_evenly_in_arrival_order():
     jobs = [Job(replace(FAST, seed=s)) for s in range(7)]
-    seeds = lambda parts: [[j.settings.seed for j in p] for p in parts]  # noqa: E731
+    seeds = lambda parts: [[j.settings.seed for j in p] for p in parts]
     assert seeds(lanes(jobs, 2)) == [[0, 1, 2, 3], [4, 5, 6]]
     assert seeds(lanes(jobs, 3)) == [[0, 1, 2], [3, 4], [5, 6]]
     assert seeds(lanes(jobs[:1], 4)) == [[0]] and seeds(lanes(jobs, 1)) == [list(range(7))]
