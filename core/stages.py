@@ -43,5 +43,8 @@ def guided(stage: str, settings) -> bool:
     """Whether the stage runs guided with these settings: its own scale is not 1, or it feeds a stage that is."""
     s = STAGES[stage]
     if s.guidance is not None:
-        return getattr(settings, s.guidance) != 1.0
+        scale = getattr(settings, s.guidance)
+        if scale is None:  # unresolved: "not 1" would guess guided; the model's own scale decides
+            raise ValueError(f"{s.guidance} unresolved: pass the settings through for_model(settings, spec) first")
+        return scale != 1.0
     return any(guided(f, settings) for f in s.feeds)

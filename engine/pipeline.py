@@ -222,7 +222,7 @@ def encode_text(backend, spec: ModelSpec, prompts: list[str], settings: Settings
                 negatives: list[str] | None = None) -> Text:
     tok = spec.tokenizer
     ids, mask = tok(prompts)  # (N, T)
-    guide_ = guided("text_encoder", settings)
+    guide_ = guided("text_encoder", for_model(settings, spec))
     if guide_:
         ids_u, mask_u = tok(negatives if negatives is not None else [settings.negative] * len(prompts))
         ids, mask = torch.cat([ids_u, ids]), torch.cat([mask_u, mask])  # [uncond; cond] (2N, T)

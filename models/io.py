@@ -325,6 +325,26 @@ GENERATION_STEPS = ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps
 GENERATION_KEYS = GENERATION_SCALES + GENERATION_STEPS
 
 
+def generation_values(raw: dict) -> dict[str, float | int]:
+    """The scales (floats) and step counts (ints) of a generation config's dict, keys starting with "_" ignored
+    (comments); ValueError naming the first bad key or value."""
+    out: dict[str, float | int] = {}
+    for k, v in raw.items():
+        if k.startswith("_"):
+            continue
+        if k not in GENERATION_KEYS:
+            raise ValueError(f"unknown key {k!r}; it may hold {', '.join(GENERATION_KEYS)}")
+        if k in GENERATION_STEPS:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a whole number >= 1, got {v!r}")
+            out[k] = v
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+        else:
+            out[k] = float(v)
+    return out
+
+
 def read_generation_config(root: Path) -> dict[str, float | int]:
     """The guidance scales and step counts a model folder recommends ({} without the file: the engine uses Karlo's
     4 / 8 and 25 / 25 / 7 / 15)."""
@@ -332,21 +352,10 @@ def read_generation_config(root: Path) -> dict[str, float | int]:
     if not path.is_file():
         return {}
     raw = _read_json(path, GENERATION_CONFIG, fix="fix or delete the file (it is this project's, not a download's)")
-    out = {}
-    for k, v in raw.items():
-        if k.startswith("_"):
-            continue
-        if k not in GENERATION_KEYS:
-            raise ModelLoadError(f"{path}: unknown key {k!r}; it may hold {', '.join(GENERATION_KEYS)}")
-        if k in GENERATION_STEPS:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ModelLoadError(f"{path}: {k} must be a whole number >= 1, got {v!r}; fix or delete the file")
-            out[k] = v
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ModelLoadError(f"{path}: {k} must be a finite number >= 0, got {v!r}; fix or delete the file")
-        else:
-            out[k] = float(v)
-    return out
+    try:
+        return generation_values(raw)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}; fix or delete the file") from None
 
 
 # --- saving ------------------------------------------------------------------------------------------------
@@ -389,7 +398,9 @@ def save_component(module: nn.Module, root: str | os.PathLike, folder: str, dtyp
 def write_pipeline_files(root: Path, tokenizer: CLIPTokenizer, schedulers: dict[str, SchedulerConfig],
                          sr1024: bool, defaults: dict[str, float | int] | None = None) -> None:
     """model_index.json, tokenizer/ and the scheduler folders: everything of a model folder but the networks (and
-    generation_config.json where the model has its own scales or step counts)."""
+    generation_config.json where the model has its own scales or step counts: ValueError, before anything is
+    written, for values that read_generation_config would refuse)."""
+    generation_values(defaults or {})
     index: dict[str, Any] = {"_class_name": "UnCLIPPipeline", "_diffusers_version": DIFFUSERS_VERSION}
     for comp in COMPONENTS:
         if comp.required:  # optional stages are found by their folder; diffusers would reject them in the index
@@ -417,6 +428,7 @@ def save_model(model: UnCLIPModel, path: str | os.PathLike, overwrite: bool = Fa
     root = Path(path)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} already exists; pass overwrite=True or choose another path")
+    generation_values(model.defaults or {})  # ValueError before any work: the folder would not load
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     os.chmod(tmp, default_mode(directory=True))

@@ -10,7 +10,7 @@ from refs import ReusingBackend
 from unclip.engine import manipulate as mp
 from unclip.engine.backend_torch import TorchBackend
 from unclip.engine.cli import main
-from unclip.engine.pipeline import Noise, Settings, finish, generate
+from unclip.engine.pipeline import Noise, Settings, finish, for_model, generate
 from unclip.models import build_preset, save_model
 
 FAST = Settings(prior_steps=4, decoder_steps=4, sr256_steps=2, size=64)  # tiny: 16 / 64 / 256 px
@@ -54,7 +54,7 @@ def test_variation_equals_decoder_on_transformers_embedding(folder, backend, pic
     img = mp.load_image(picture)
     with torch.no_grad():
         z_ref = ref_enc(pixel_values=mp.clip_pixels(img, backend.spec.image_size)).image_embeds
-    s = FAST
+    s = for_model(FAST, backend.spec)  # the scales the variation itself resolves
     ours = mp.variation(backend, backend.spec, s, img).images
     text = mp.empty_text(backend, backend.spec, s, 1)
     ref = finish(backend, backend.spec, s, z_ref, text, Noise(s.seed, 1, backend.device)).images

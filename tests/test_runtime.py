@@ -302,9 +302,34 @@ def test_bad_generation_config_is_one_clear_error(tiny_folder, tmp_path, content
     assert "\n" not in str(e.value) and GENERATION_CONFIG in str(e.value)
 
 
+@pytest.mark.parametrize("defaults, words", [({"decoder_scale": 3}, "unknown key 'decoder_scale'"),
+                                             ({"sr256_steps": 0}, "sr256_steps must be a whole number >= 1"),
+                                             ({"prior_guidance": float("nan")}, "prior_guidance must be a finite")])
+def test_save_model_refuses_defaults_it_could_not_read_back(tmp_path, defaults, words):
+    """A model whose defaults load_model would refuse is not saved: ValueError, and no folder (nor temporary one)."""
+    from unclip.models import save_model
+    model = build_preset("tiny")
+    model.defaults = defaults
+    with pytest.raises(ValueError, match=words):
+        save_model(model, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+    model.defaults = {"decoder_guidance": 2.5, "sr256_steps": 3, "_comment": "kept"}
+    from unclip.models import load_model
+    from unclip.models.io import GENERATION_CONFIG
+    folder = save_model(model, tmp_path / "m")
+    assert load_model(folder).defaults == {"decoder_guidance": 2.5, "sr256_steps": 3}
+    assert json.loads((folder / GENERATION_CONFIG).read_text())["_comment"] == "kept"
+
+
 def test_guide_refuses_an_unresolved_scale():
     with pytest.raises(ValueError, match="for_model"):
         guide(lambda x, t, i: x, None)(torch.zeros(1, 3), torch.zeros(1), 0)
+    from unclip.core.stages import guided
+    for stage in ("text_encoder", "text_proj", "decoder"):  # the decoder's scale is unset (None)
+        with pytest.raises(ValueError, match="decoder_guidance unresolved.*for_model"):
+            guided(stage, Settings(prior_guidance=1.0))
+    assert not guided("decoder", Settings(prior_guidance=4.0, decoder_guidance=1.0))
+    assert guided("text_encoder", Settings(prior_guidance=4.0, decoder_guidance=1.0))  # it feeds the guided prior
 
 
 def test_unreadable_generation_config_says_fix_or_delete(tiny_folder, tmp_path):

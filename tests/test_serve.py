@@ -42,7 +42,8 @@ from unclip.serve.jobs import (
     split_text,
 )
 
-FAST = Settings(prior_steps=3, decoder_steps=3, sr256_steps=2, size=64)  # tiny: 16 / 64 / 256 px
+FAST = Settings(prior_steps=3, decoder_steps=3, sr256_steps=2, size=64,  # tiny: 16 / 64 / 256 px
+               prior_guidance=4.0, decoder_guidance=8.0)  # resolved, as serve.schema hands jobs their settings
 STEPS = {"prior": 3, "decoder": 3, "sr256": 2}
 
 
