@@ -16,6 +16,7 @@ from unclip.engine.backend import ExportedGraphs, failed
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
 _NP = {"float32": np.float32, "int64": np.int64}
 SHAPES_KEPT = 4  # compiled input shapes kept per network
+STATIC_MAX_BYTES = 256 << 20  # larger graphs are compiled once, batch dynamic (see OpenVINOBackend._request)
 
 
 def require_openvino():
@@ -90,7 +91,7 @@ class OpenVINOBackend(ExportedGraphs):
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.device = torch.device("cpu")
-        self.models: dict = {}  # network -> (ov.Model with a dynamic batch, Contract, path)
+        self.models: dict = {}  # network -> (ov.Model with a dynamic batch, Contract, graph path, bytes on disk)
         self.requests: dict = {}  # (network, input shapes) -> infer request, least recently used first
 
     def _model(self, network: str):
@@ -112,22 +113,28 @@ class OpenVINOBackend(ExportedGraphs):
             if len(ports) != len(wanted) or not all(any(w in names for names in ports) for w in wanted):
                 raise ExportError(f"{path}: the graph's inputs/outputs are not those of {network}; the file was "
                                   f"replaced; re-export: {self.fix} --force")
-            self.models[network] = (model, contract, path)
+            size = sum(r["size"] for r in entry["files"].values())  # the graph and any external weights
+            self.models[network] = (model, contract, path, size)
         return self.models[network]
 
     def _request(self, network: str, shapes: dict[str, tuple[int, ...]]):
         """An infer request compiled for these exact input shapes. OpenVINO's kernels for a static shape are
         chosen and its buffers laid out once, at compile time: on the demo's networks in bf16, 8% (sr1024) to 20%
-        (decoder) less time per call than the same graph compiled with a dynamic batch. Each network keeps its
-        SHAPES_KEPT most recent shapes (a server sees a few batch sizes)."""
-        key = (network, tuple(sorted(shapes.items())))
+        (decoder) less time per call than the same graph compiled with a dynamic batch. Each compiled shape holds
+        its own copy of the weights (the demo's decoder: about 50 MB per shape in bf16), so each network keeps its
+        SHAPES_KEPT most recent shapes (a server sees a few batch sizes), and a graph over STATIC_MAX_BYTES (a
+        Karlo-sized network, where a copy costs gigabytes and the per-call overhead matters least) is compiled
+        once, with its batch dynamic."""
+        model, _, path, size = self._model(network)
+        static = size <= STATIC_MAX_BYTES
+        key = (network, tuple(sorted(shapes.items())) if static else None)
         request = self.requests.pop(key, None)  # re-inserted last: the dict's order is least recently used first
         if request is None:
-            model, _, path = self._model(network)
-            static = model.clone()
             try:
-                static.reshape({name: list(shape) for name, shape in shapes.items()})
-                request = self.core.compile_model(static, "CPU", self.config).create_infer_request()
+                if static:
+                    model = model.clone()
+                    model.reshape({name: list(shape) for name, shape in shapes.items()})
+                request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             except RuntimeError as e:
                 raise ExportError(f"{path}: OpenVINO can't compile it for inputs {dict(shapes)} "
                                   f"({str(e).splitlines()[0][:200]}); re-export: {self.fix} --force") from None
@@ -148,7 +155,7 @@ class OpenVINOBackend(ExportedGraphs):
         return self.core.read_model(model.SerializeToString())
 
     def run(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        _, contract, _ = self._model(network)
+        contract = self._model(network)[1]
         inputs = {t.name: feed[t.name].detach().cpu().numpy().astype(_NP[t.dtype], copy=False)
                   for t in contract.inputs}
         request = self._request(network, {name: a.shape for name, a in inputs.items()})

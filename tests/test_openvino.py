@@ -68,6 +68,20 @@ def test_each_input_shape_compiles_static_and_the_oldest_shapes_are_dropped(engi
     assert torch.equal(b.run("decoder", feeds[1])["out"], first)  # same shape compiled twice: the same numbers
 
 
+def test_a_graph_over_the_static_limit_is_compiled_once_with_its_batch_dynamic(engines, torch_backend, monkeypatch):
+    from unclip.engine import backend_ov
+    monkeypatch.setattr(backend_ov, "STATIC_MAX_BYTES", 0)  # every graph counts as large
+    b = OpenVINOBackend(engines)
+    c = contracts(b.spec)["decoder"]
+    for n in (1, 3):
+        inp = c.sample_inputs(n, b.spec, seed=n)
+        out, ref = b.run("decoder", inp)["out"], torch_backend.run("decoder", inp)["out"]
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    (request,) = b.requests.values()  # one compilation served both batch sizes
+    assert b.requests.keys() == {("decoder", None)}
+    assert request.get_compiled_model().inputs[0].get_partial_shape()[0].is_dynamic
+
+
 def _mvn_layers(compiled) -> int:
     return sum(op.get_rt_info()["layerType"].astype(str) == "MVN" for op in compiled.get_runtime_model().get_ops())
 
