@@ -318,6 +318,34 @@ def run_worker(kind: str, cfg: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One backend's worker results from several rounds -> one result: the median of each time and rate across the
+    rounds (per network too), the largest peak memory, the first round's image; `rounds` keeps each round's
+    seconds per image and images per second."""
+    first = rounds[0]
+    med = statistics.median
+    out = {**first,
+           "load_s": med(r["load_s"] for r in rounds),
+           "seconds_per_image": med(r["seconds_per_image"] for r in rounds),
+           "images_per_second": med(r["images_per_second"] for r in rounds),
+           "peak_memory_mb": max(r["peak_memory_mb"] for r in rounds),
+           "runs": [t for r in rounds for t in r["runs"]],
+           "networks": {n: {**v, "seconds": med(r["networks"][n]["seconds"] for r in rounds)}
+                        for n, v in first["networks"].items()},
+           "rounds": [{"seconds_per_image": r["seconds_per_image"], "images_per_second": r["images_per_second"]}
+                      for r in rounds]}
+    return out
+
+
+def round_ratios(base: list[dict], other: list[dict]) -> dict:
+    """Speed-ups against the baseline within each round (a round runs every backend once, one after another, so
+    the machine's drift between rounds cancels) and their medians."""
+    one = [b["seconds_per_image"] / o["seconds_per_image"] for b, o in zip(base, other)]
+    many = [o["images_per_second"] / b["images_per_second"] for b, o in zip(base, other)]
+    return {"batch_1": one, "batch": many, "batch_1_median": statistics.median(one),
+            "batch_median": statistics.median(many)}
+
+
 def stage_rows(result: dict, flops: dict, peak: float) -> dict:
     rows = {}
     for name, r in result["networks"].items():
@@ -363,13 +391,27 @@ def markdown(report: dict) -> str:
               f"{report['settings']['batch']}) | peak memory MB | speed-up vs diffusers (batch 1) | "
               "speed-up (batch) | network calls / image" + (" | CUDA launches / image |" if cuda else " |"),
               "|---" * (9 if cuda else 8) + "|"]
+    ratios = report.get("ratios", {})
     for n in names:
         r = report["results"][n]
-        up1 = f"{base['seconds_per_image'] / r['seconds_per_image']:.2f}x" if base else "-"
-        upb = f"{r['images_per_second'] / base['images_per_second']:.2f}x" if base else "-"
+        # with several rounds: the median of each round's own speed-up (the machine's drift cancels within a round)
+        pr = ratios.get(n, {}).get("per_round")
+        up1 = (f"{pr['batch_1_median']:.2f}x" if pr else
+               f"{base['seconds_per_image'] / r['seconds_per_image']:.2f}x") if base else "-"
+        upb = (f"{pr['batch_median']:.2f}x" if pr else
+               f"{r['images_per_second'] / base['images_per_second']:.2f}x") if base else "-"
         lines.append(f"| {n} | {r['load_s']:.1f} | {r['seconds_per_image']:.2f} | {r['images_per_second']:.3f} | "
                      f"{r['peak_memory_mb']:.0f} | {up1} | {upb} | {r.get('network_calls_per_image', '-')}"
                      + (f" | {r.get('cuda_launches_per_image')} |" if cuda else " |"))
+    rounds = report["settings"].get("rounds", 1)
+    if rounds > 1 and base:
+        lines += ["", f"{rounds} rounds (every backend once per round, in turn); times are medians across rounds, "
+                  "speed-ups the median of each round's own. Per round, batch 1 / batch "
+                  f"{report['settings']['batch']}: diffusers "
+                  + ", ".join(f"{x['seconds_per_image']:.2f} s" for x in base["rounds"]) + "; "
+                  + "; ".join(f"{b} " + ", ".join(f"{x:.2f}x" for x in v["per_round"]["batch_1"]) + " / "
+                              + ", ".join(f"{x:.2f}x" for x in v["per_round"]["batch"])
+                              for b, v in ratios.items()) + "."]
     for b, d in report.get("image_difference", {}).items():
         lines.append(f"Image vs diffusers ({b}, batch 1, same seed, `unclip` sampler): mean abs difference "
                      f"{d['mean_abs']:.2e}, {100 * d['fraction_over_0.05']:.3f}% of pixels off by more than 0.05.")
@@ -389,10 +431,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="images per call for the throughput figure")
     p.add_argument("--steps", default=None, help="prior,decoder,sr256,sr1024 [default: 25,25,7,15]")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every backend this many times, in turn (the figures are medians across rounds)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
     if a.worker:
         cfg = json.loads(a.worker_config)
         res = worker_diffusers(cfg) if a.worker == "diffusers" else worker_ours(cfg)
@@ -448,20 +494,32 @@ def main(argv=None):
            "sr1024": has_sr1024, "repeats": a.repeats, "sampler": "unclip", "out": str(out),
            "prompt": DEMO_PROMPT if name == "demo" else PROMPT,
            "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}
+    per_round: dict[str, list[dict]] = {}
+    failed: set[str] = set()
+    for k in range(a.rounds):
+        for label, backend, prec, mode in runs:
+            if label in failed:
+                continue
+            print(f"benchmarking {label} ..." + (f" (round {k + 1} of {a.rounds})" if a.rounds > 1 else ""),
+                  file=sys.stderr)
+            try:
+                per_round.setdefault(label, []).append(run_worker(backend, dict(
+                    cfg, backend=backend, precision=prec, torch_mode=mode, label=label,
+                    engines=engines.get(export_precision(backend, prec)))))
+            except RuntimeError as e:  # e.g. onnxruntime without CUDA on --device cuda: report it, keep the rest
+                last = [line for line in str(e).splitlines() if line.strip()][-1]
+                notes.append(f"{label} failed and was left out: {last}")
+                failed.add(label)
+                per_round.pop(label, None)
     results, stages = {}, {}
     for label, backend, prec, mode in runs:
-        print(f"benchmarking {label} ...", file=sys.stderr)
-        try:
-            results[label] = run_worker(backend, dict(cfg, backend=backend, precision=prec, torch_mode=mode, label=label,
-                                                      engines=engines.get(export_precision(backend, prec))))
-        except RuntimeError as e:  # e.g. onnxruntime without CUDA on --device cuda: report it, keep the rest
-            last = [line for line in str(e).splitlines() if line.strip()][-1]
-            notes.append(f"{label} failed and was left out: {last}")
+        if label not in per_round:
             continue
+        results[label] = merge_rounds(per_round[label])
         stages[label] = stage_rows(results[label], flops, peaks[prec][0])
         results[label]["precision"] = prec
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "versions": versions(),
-              "settings": {**cfg, "model": name},
+              "settings": {**cfg, "model": name, "rounds": a.rounds},
               "peak_gflops": {p: v[0] for p, v in peaks.items()}, "peak_shapes": {p: v[1] for p, v in peaks.items()},
               "flops_per_call": flops, "export_s": export_s, "results": results, "stages": stages, "notes": notes}
     if "diffusers" in results and len(results) > 1:
@@ -476,7 +534,8 @@ def main(argv=None):
             report["image_difference"][b] = {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
                                              "fraction_over_0.05": float((d > 0.05).mean())}
         report["ratios"] = {b: {"seconds_per_image": base["seconds_per_image"] / r["seconds_per_image"],
-                                "images_per_second": r["images_per_second"] / base["images_per_second"]}
+                                "images_per_second": r["images_per_second"] / base["images_per_second"],
+                                "per_round": round_ratios(per_round["diffusers"], per_round[b])}
                             for b, r in results.items() if b != "diffusers"}
     md = markdown(report) + "".join(f"\nNote: {n}\n" for n in notes)
     (out / "latency.json").write_text(json.dumps(report, indent=1))

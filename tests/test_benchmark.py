@@ -38,3 +38,35 @@ def test_latency_script_writes_full_report(tmp_path):
     for d in report["image_difference"].values():
         assert 0 <= d["mean_abs"] <= d["max_abs"] <= 1
     assert "| decoder |" in (tmp_path / "latency.md").read_text()
+
+
+def _latency_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("latency", os.path.join(ROOT, "benchmarks", "latency.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(s, ips, mem, net_s):
+    return {"load_s": s / 10, "seconds_per_image": s, "images_per_second": ips, "peak_memory_mb": mem,
+            "runs": [s], "image": f"{s}.npy", "networks": {"decoder": {"seconds": net_s, "calls": 25}}}
+
+
+def test_rounds_merge_to_medians_and_ratios_are_taken_within_each_round():
+    lat = _latency_module()
+    base = [_result(8.0, 0.10, 100, 2.0), _result(5.0, 0.12, 120, 1.0), _result(7.0, 0.09, 110, 1.5)]
+    ours = [_result(4.0, 0.40, 200, 0.5), _result(2.5, 0.36, 190, 0.4), _result(3.5, 0.30, 210, 0.6)]
+    m = lat.merge_rounds(ours)
+    assert m["seconds_per_image"] == 3.5 and m["images_per_second"] == 0.36 and m["peak_memory_mb"] == 210
+    assert m["networks"]["decoder"] == {"seconds": 0.5, "calls": 25} and m["image"] == "4.0.npy"
+    assert m["rounds"][1] == {"seconds_per_image": 2.5, "images_per_second": 0.36}
+    r = lat.round_ratios(base, ours)
+    assert r["batch_1"] == [2.0, 2.0, 2.0] and r["batch_1_median"] == 2.0
+    assert r["batch"] == [4.0, 3.0, 0.30 / 0.09] and r["batch_median"] == 3.3333333333333335
+
+
+def test_rounds_below_one_are_refused():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "latency.py"), "--rounds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--rounds must be >= 1, got 0" in res.stderr
