@@ -8,6 +8,7 @@ is an UnclipError with one line naming the fix.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Protocol
@@ -15,6 +16,8 @@ from typing import Callable, Protocol
 import torch
 from unclip.core.errors import BackendError, BackendUnavailable, ExportError, ExportLocked, RequestError
 from unclip.core.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
 PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16"),
@@ -88,11 +91,14 @@ def open_backend(req, notify: Callable[[str], None] = print) -> Backend:
     assert req.precision in PRECISIONS[req.backend], (req.backend, req.precision)  # the Request checked it
     device = check_device(req.device)
     if req.backend == "torch":
-        from unclip.engine.backend_torch import TorchBackend
+        from unclip.engine.backend_torch import TorchBackend, native_bf16
         from unclip.models import resolve_model
         mode = getattr(req, "torch_mode", "eager")
         if mode == "cuda-graphs" and device.type != "cuda":
             raise RequestError("--torch-mode cuda-graphs needs --device cuda (use static for the same buffers on CPU)")
+        if req.precision == "bf16" and device.type == "cpu" and not native_bf16():
+            log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times slower "
+                        "than fp32; use --precision fp32")
         return TorchBackend(resolve_model(req.model), device, req.precision, req.max_batch, copy=False, mode=mode)
     precision = export_precision(req.backend, req.precision)
     out = Path(req.engines) if req.engines else default_engines(req.model, precision)
@@ -151,12 +157,18 @@ def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str
 
 def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float = 3600) -> None:
     """Export the model's networks into `out` unless they are all there: a first run exports, a run after an
-    interrupted export finishes it, and a run that finds another export at work waits for it."""
+    interrupted export finishes it, a run that finds the default folder's engines stale exports again
+    (_stale_cache), and a run that finds another export at work waits for it."""
     import time
 
     from unclip.core.artifacts import export_state
     deadline, told = time.monotonic() + wait_s, False
-    while (state := export_state(out)) != "complete":
+    while True:
+        state = export_state(out)
+        if state in ("complete", "partial") and _stale_cache(req, out):
+            state = "stale"
+        if state == "complete":
+            return
         if state == "broken":
             raise ExportError(f"{out / 'manifest.json'}: its model description is unreadable; re-export: "
                               f"unclip-export --model {req.model} --out {out} --precision "
@@ -181,6 +193,24 @@ def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
     if getattr(req, "settings", None) is not None:
         final_stage(spec_from_model(model), req.settings.size)  # a size the model doesn't make: before any work
     precision = export_precision(req.backend, req.precision)
-    notify(f"{'finishing the interrupted export' if state == 'partial' else 'no engines'} in {out}: exporting "
-           f"{req.model} ({precision}) first")
-    export_model(model, out, precision=precision, max_batch=req.max_batch, source=req.model)
+    what = {"partial": "finishing the interrupted export", "stale": "the engines are of an earlier version of "
+            f"{req.model}"}.get(state, "no engines")
+    notify(f"{what} in {out}: exporting {req.model} ({precision}) {'again' if state == 'stale' else 'first'}")
+    export_model(model, out, precision=precision, max_batch=req.max_batch, source=req.model, force=state == "stale")
+
+
+def _stale_cache(req, out: Path) -> bool:
+    """Whether `out` is the default engines folder (this tool's own cache: no --engines given) and holds engines
+    of the same model before its weights or configs changed (a package upgrade, a retrained folder, a fresh
+    clone's file times): those are exported again. A folder the user named is never replaced unasked
+    (check_export refuses it with the fix)."""
+    from unclip.core.artifacts import read_manifest
+    from unclip.core.identity import fingerprint, source_path
+    if req.engines:
+        return False
+    try:
+        manifest = read_manifest(out, "")
+    except ExportError:
+        return False
+    return (manifest.get("source_path") == source_path(req.model) and manifest.get("fingerprint") != fingerprint(req.model)
+            and (manifest.get("options") or {}).get("precision") == export_precision(req.backend, req.precision))

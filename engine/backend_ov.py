@@ -1,5 +1,6 @@
 """The `openvino` backend: the ONNX graphs of an `unclip-export` folder compiled by OpenVINO for the CPU, in fp32
-or, on CPUs with native bf16 (AVX512-BF16 / AMX), in bf16 (OpenVINO's inference precision; the graphs stay fp32).
+or, on CPUs with native bf16 (AVX512-BF16 / AMX), in bf16 (OpenVINO's inference precision; the graphs stay fp32;
+the networks that make the CLIP embeddings compute in fp32: core.stages.FP32_IN_BF16).
 Outputs are the infer request's own tensors, valid until the next call of the same network."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from unclip.core.artifacts import read_manifest, verify_files
 from unclip.core.contract import Contract
 from unclip.core.errors import BackendUnavailable, ExportError
 from unclip.core.spec import ModelSpec
+from unclip.core.stages import network_precision
 from unclip.engine.backend import ExportedGraphs, failed
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
@@ -87,7 +89,8 @@ class OpenVINOBackend(ExportedGraphs):
         if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailable("--precision bf16 with openvino needs a CPU with native bf16 (AVX512-BF16 or "
                                      "AMX); this one has none: use --precision fp32")
-        self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        self.precision = precision
+        self.config = {"PERFORMANCE_HINT": "LATENCY"}  # and each network's INFERENCE_PRECISION_HINT (compile_config)
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.device = torch.device("cpu")
@@ -134,7 +137,7 @@ class OpenVINOBackend(ExportedGraphs):
                 if static:
                     model = model.clone()
                     model.reshape({name: list(shape) for name, shape in shapes.items()})
-                request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+                request = self.core.compile_model(model, "CPU", self.compile_config(network)).create_infer_request()
             except RuntimeError as e:
                 raise ExportError(f"{path}: OpenVINO can't compile it for inputs {dict(shapes)} "
                                   f"({str(e).splitlines()[0][:200]}); re-export: {self.fix} --force") from None
@@ -143,6 +146,9 @@ class OpenVINOBackend(ExportedGraphs):
                 del self.requests[k]
         self.requests[key] = request
         return request
+
+    def compile_config(self, network: str) -> dict:
+        return {**self.config, "INFERENCE_PRECISION_HINT": HINTS[network_precision(network, self.precision)]}
 
     def _read(self, path: Path):
         """The graph as OpenVINO compiles it: with the export's two-stage GroupNorm means merged (fuse_group_norms),

@@ -179,6 +179,31 @@ def test_engines_of_a_model_edited_in_place_are_refused(runner, tmp_path):
     _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights or configs changed)")
 
 
+def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runner, tmp_path):
+    """Without --engines the folder is the tool's own cache (engines/<model>-<precision>): engines of the same
+    model before its weights changed (a package upgrade, a retrained folder) are exported again, and the run
+    draws with the new weights (the image equals the torch backend's on the edited model)."""
+    from unclip.core.identity import fingerprint
+    folder = save_model(build_preset("tiny"), tmp_path / "m")
+    args = ["cat", *FAST, "--model", "m"]
+    _ok(runner.invoke(main, [*args, "--out", "first"]))
+    before = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())["fingerprint"]
+    w = folder / "decoder" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
+    w.write_bytes(bytes(data))
+    res = runner.invoke(main, [*args, "--out", "o"])
+    assert res.exit_code == 0, res.output
+    assert "earlier version of m" in res.output and "exporting m (fp32) again" in res.output, res.output
+    after = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())["fingerprint"]
+    assert before != after == fingerprint("m")
+    res = runner.invoke(main, [*args, "--backend", "torch", "--out", "t"])
+    assert res.exit_code == 0, res.output
+    a = np.asarray(Image.open(next((tmp_path / "o").glob("*.png"))), dtype=np.float64)
+    b = np.asarray(Image.open(next((tmp_path / "t").glob("*.png"))), dtype=np.float64)
+    assert np.abs(a - b).mean() < 1.0, np.abs(a - b).mean()  # 8-bit pixels: onnxruntime vs torch on the same weights
+
+
 def test_engines_of_the_same_relative_name_elsewhere_are_refused(runner, tmp_path, monkeypatch):
     save_model(build_preset("tiny"), tmp_path / "m")
     _ok(runner.invoke(main, ["cat", *FAST, "--model", "m", "--engines", "e"]))

@@ -45,6 +45,25 @@ def test_each_network_matches_torch(engines, torch_backend):
             assert (out[k] - ref[k]).abs().max() <= 1e-4 * max(ref[k].abs().max(), 1e-6), (net, k)
 
 
+def test_bf16_keeps_the_embedding_networks_fp32(engines):
+    """In bf16 the text encoder, image encoder and prior compile with an f32 inference precision
+    (core.stages.FP32_IN_BF16): their outputs equal the fp32 backend's exactly; the U-Nets compute in bf16."""
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no native bf16")
+    fp32, bf16 = OpenVINOBackend(engines), OpenVINOBackend(engines, precision="bf16")
+    cs = contracts(fp32.spec)
+    for net in ("text_encoder", "image_encoder", "prior"):
+        assert bf16.compile_config(net)["INFERENCE_PRECISION_HINT"] == "f32", net
+        inp = cs[net].sample_inputs(2, fp32.spec, seed=4)
+        a, b = fp32.run(net, inp), bf16.run(net, inp)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (net, k)
+    inp = cs["decoder"].sample_inputs(2, fp32.spec, seed=4)
+    assert bf16.compile_config("decoder")["INFERENCE_PRECISION_HINT"] == "bf16"
+    a, b = fp32.run("decoder", inp)["out"].clone(), bf16.run("decoder", inp)["out"]
+    assert 0 < (a - b).abs().max() <= 0.1 * a.abs().max()  # bf16's rounding: close, not equal
+
+
 def test_each_input_shape_compiles_static_and_the_oldest_shapes_are_dropped(engines, torch_backend, monkeypatch):
     """Each batch size gets its own compilation with every dimension fixed; past SHAPES_KEPT shapes of a network the
     least recently used is dropped, and a dropped shape compiles again when it comes back, giving the same result."""

@@ -193,6 +193,40 @@ def test_torch_backend_converts_copies_and_keeps_statistics_fp32():
     assert out["x0"].dtype == torch.float32  # callers get fp32 whatever the compute precision
 
 
+def test_torch_bf16_keeps_the_embedding_networks_fp32():
+    """bf16 runs the text encoder, image encoder and prior in fp32 (core.stages.FP32_IN_BF16): their outputs equal
+    the fp32 backend's bit for bit, while the U-Nets compute in bf16 (their outputs differ from fp32's)."""
+    model = build_preset("tiny")
+    fp32, bf16 = TorchBackend(model), TorchBackend(model, precision="bf16")
+    cs = contracts(fp32.spec)
+    for net in ("text_encoder", "image_encoder", "prior"):
+        assert next(bf16.nets[net].parameters()).dtype == torch.float32, net
+        inp = cs[net].sample_inputs(2, fp32.spec, seed=4)
+        a, b = fp32.run(net, inp), bf16.run(net, inp)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (net, k)
+    for net in ("text_proj", "decoder", "sr256_first", "sr1024"):
+        assert next(bf16.nets[net].parameters()).dtype == torch.bfloat16, net
+    inp = cs["decoder"].sample_inputs(2, fp32.spec, seed=4)
+    assert not torch.equal(fp32.run("decoder", inp)["out"], bf16.run("decoder", inp)["out"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_torch_bf16_on_a_cpu_without_native_bf16_warns(native, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from unclip.engine import backend_torch
+    from unclip.engine.backend import open_backend
+    monkeypatch.setattr(backend_torch, "native_bf16", lambda: native)
+    req = SimpleNamespace(backend="torch", model="tiny", engines=None, device="cpu", precision="bf16", max_batch=2)
+    with caplog.at_level("WARNING", logger="unclip"):
+        b = open_backend(req)
+    assert b.dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1), warned
+    assert native or "use --precision fp32" in warned[0]
+
+
 def test_static_buffers_equal_eager_bit_for_bit_and_bind_constants_once():
     """The GPU fast path's buffer logic, on the CPU: the same images bit for bit (fp32), every network call on the
     same static tensors, and a stage's constant inputs copied in once, not every step."""
