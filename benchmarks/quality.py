@@ -138,7 +138,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
     p.add_argument("--backend", action="append", default=None, metavar="NAME:PRECISION",
-                   help="repeatable [default: onnxruntime:fp32, torch:fp32, torch:bf16]; the first one also makes "
+                   help="repeatable [default: onnxruntime:fp32, torch:fp32, torch:bf16, openvino:fp32, openvino:bf16; "
+                        "bf16 where the CPU has it natively]; the first one also makes "
                         "the diversity, variation and interpolation figures and the pictures")
     p.add_argument("--n", type=int, default=200, help="prompts, sampled from the caption grammar (seed 2026)")
     p.add_argument("--batch", type=int, default=4)
@@ -154,8 +155,11 @@ def main(argv=None) -> None:
     settings = Settings(size=a.size)
     prompts = world.sample_prompts(a.n, seed=2026)
     import importlib.util
-    runs = a.backend or (["onnxruntime:fp32", "torch:fp32", "torch:bf16"]
-                         + (["openvino:fp32", "openvino:bf16"] if importlib.util.find_spec("openvino") else []))
+    from unclip.engine.backend_torch import native_bf16
+    bf16 = native_bf16()  # without it torch emulates bf16 (several times slower) and OpenVINO refuses it
+    openvino = importlib.util.find_spec("openvino") is not None
+    runs = a.backend or (["onnxruntime:fp32", "torch:fp32"] + ["torch:bf16"] * bf16
+                         + (["openvino:fp32"] + ["openvino:bf16"] * bf16) * openvino)
     report: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}"
                     f", {torch.get_num_threads()} threads", "model": a.model, "prompts": a.n,
                     "settings": dataclasses.asdict(settings), "backends": {}, "command": " ".join(["python benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:]))}
