@@ -90,10 +90,10 @@ def _best_gflops(fn, flop: float, device: str, reps: int, budget_s: float = 2.0)
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    first = once()  # warm-up
+    fn()  # warm-up (one-time set-up: cuBLAS, oneDNN primitives)
+    first = once()
     if first > budget_s / 4:
-        return flop / min(first, once()) / 1e9
-    once()
+        return flop / first / 1e9
     reps = max(1, min(reps, int(budget_s / 4 / first)))
     best = float("inf")
     for _ in range(4):
@@ -362,9 +362,9 @@ def round_ratios(base: list[dict], other: list[dict]) -> dict:
             "batch_median": statistics.median(many)}
 
 
-def stage_rows(result: dict, flops: dict, peaks: dict[str, float], precision: str) -> dict:
+def stage_rows(result: dict, flops: dict, peaks: dict[str, float], precision: str, ours: bool = True) -> dict:
     """Per stage: time, calls and FLOPs, and the fraction of the peak of the precision its networks compute in
-    (bf16 keeps the embedding networks fp32: core.stages.network_precision)."""
+    (our backends in bf16 keep the embedding networks fp32: core.stages.network_precision; diffusers does not)."""
     from unclip.core.stages import network_precision
     rows = {}
     for name, r in result["networks"].items():
@@ -372,7 +372,7 @@ def stage_rows(result: dict, flops: dict, peaks: dict[str, float], precision: st
         if st is None:
             continue
         row = rows.setdefault(st, {"seconds": 0.0, "calls": 0, "flops": 0.0,
-                                   "peak": peaks[network_precision(name, precision)]})
+                                   "peak": peaks[network_precision(name, precision) if ours else precision]})
         row["seconds"] += r["seconds"]
         row["calls"] += r["calls"]
         row["flops"] += flops.get(name, 0.0) * r["calls"]
@@ -538,7 +538,8 @@ def main(argv=None):
         if label not in per_round:
             continue
         results[label] = merge_rounds(per_round[label])
-        stages[label] = stage_rows(results[label], flops, {p: v[0] for p, v in peaks.items()}, prec)
+        stages[label] = stage_rows(results[label], flops, {p: v[0] for p, v in peaks.items()}, prec,
+                                   ours=backend != "diffusers")
         results[label]["precision"] = prec
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(a.device), "versions": versions(),
               "settings": {**cfg, "model": name, "rounds": a.rounds},

@@ -54,7 +54,8 @@ def guided(stage: str, settings) -> bool:
 # 8-bit mantissa moves an embedding far enough to change what is drawn (the demo, first 100 quality prompts at 128
 # px, torch: every network in bf16 changed the judge's verdict on 3 prompts of 100, a red background drawn orange;
 # with the text encoder and the prior in fp32, on none, at the same seconds per image). They run once per image
-# (the prior once per step on a few tokens), so fp32 costs milliseconds; the U-Nets, where the time goes, stay bf16.
+# (the prior once per step on a few tokens): on the demo fp32 costs milliseconds per image; a Karlo-sized prior
+# (about 1B parameters) takes longer and twice the memory in fp32. The U-Nets, where the time goes, stay bf16.
 # fp16 keeps every network in fp16: its 11-bit mantissa is 8x finer than bf16's.
 FP32_IN_BF16 = ("text_encoder", "image_encoder", "prior")
 

@@ -196,14 +196,23 @@ def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
     what = {"partial": "finishing the interrupted export", "stale": "the engines are of an earlier version of "
             f"{req.model}"}.get(state, "no engines")
     notify(f"{what} in {out}: exporting {req.model} ({precision}) {'again' if state == 'stale' else 'first'}")
-    export_model(model, out, precision=precision, max_batch=req.max_batch, source=req.model, force=state == "stale")
+    max_batch = req.max_batch
+    if state == "stale":  # keep the batch the folder was exported for (a server's --max-batch 16, say)
+        from unclip.core.artifacts import read_manifest
+        try:
+            max_batch = max(max_batch, int((read_manifest(out, "").get("options") or {}).get("max_batch") or 0))
+        except (ExportError, TypeError, ValueError):
+            pass
+    # no force: under the export's lock, engines of the same model folder edited since start a new manifest
+    # (export.onnx_export._start_manifest), and a concurrent run that re-exported first is found up to date
+    export_model(model, out, precision=precision, max_batch=max_batch, source=req.model)
 
 
 def _stale_cache(req, out: Path) -> bool:
     """Whether `out` is the default engines folder (this tool's own cache: no --engines given) and holds engines
     of the same model before its weights or configs changed (a package upgrade, a retrained folder, a fresh
-    clone's file times): those are exported again. A folder the user named is never replaced unasked
-    (check_export refuses it with the fix)."""
+    clone's file times): those are exported again (onnxruntime and openvino; tensorrt engines are built by
+    unclip-export --trt). A complete folder the user named is refused by check_export with the fix."""
     from unclip.core.artifacts import read_manifest
     from unclip.core.identity import fingerprint, source_path
     if req.engines:

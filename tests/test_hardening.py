@@ -187,7 +187,8 @@ def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runne
     folder = save_model(build_preset("tiny"), tmp_path / "m")
     args = ["cat", *FAST, "--model", "m"]
     _ok(runner.invoke(main, [*args, "--out", "first"]))
-    before = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())["fingerprint"]
+    manifest = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())
+    before, graphs = manifest["fingerprint"], manifest["networks"]["decoder"]["files"]
     w = folder / "decoder" / "diffusion_pytorch_model.safetensors"
     data = bytearray(w.read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
@@ -195,8 +196,9 @@ def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runne
     res = runner.invoke(main, [*args, "--out", "o"])
     assert res.exit_code == 0, res.output
     assert "earlier version of m" in res.output and "exporting m (fp32) again" in res.output, res.output
-    after = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())["fingerprint"]
-    assert before != after == fingerprint("m")
+    manifest = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())
+    assert before != manifest["fingerprint"] == fingerprint("m")
+    assert manifest["networks"]["decoder"]["files"] != graphs  # the decoder's graph holds the edited weights
     res = runner.invoke(main, [*args, "--backend", "torch", "--out", "t"])
     assert res.exit_code == 0, res.output
     a = np.asarray(Image.open(next((tmp_path / "o").glob("*.png"))), dtype=np.float64)

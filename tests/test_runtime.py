@@ -185,10 +185,11 @@ def test_concurrent_export_refused(engines, tmp_path):
 
 def test_torch_backend_converts_copies_and_keeps_statistics_fp32():
     model = build_preset("tiny")
-    b = TorchBackend(model, precision="bf16")
+    b = TorchBackend(model, precision="fp16")  # (bf16 keeps the prior fp32: fp16 converts every network)
+    assert next(b.nets["prior"].parameters()).dtype == torch.float16
     assert next(model.decoder.parameters()).dtype == torch.float32  # the caller's model is untouched
     assert model.decoder.conv_in.weight.is_contiguous()  # (channels-last is the backend's copy's business)
-    assert b.spec.clip_mean == [float(v) for v in model.prior.clip_mean.flatten()]  # not rounded to bf16
+    assert b.spec.clip_mean == [float(v) for v in model.prior.clip_mean.flatten()]  # not rounded to fp16
     out = b.run("prior", contracts(b.spec)["prior"].sample_inputs(2, b.spec))
     assert out["x0"].dtype == torch.float32  # callers get fp32 whatever the compute precision
 
