@@ -29,10 +29,15 @@ def _version() -> str:
         return "0"
 
 
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones by size, mtime and first 64 KiB
+
+
 def fingerprint(model: str) -> str:
     """A random preset's name and the package version (its weights come from code), or for a folder each weight,
-    config and tokenizer file's name, size, mtime and first 64 KiB: cheap enough for every run, and any edit,
-    copy-over or other folder changes it (a full hash of gigabytes per run would cost more than the run)."""
+    config and tokenizer file's name and contents: hashed whole up to FULL_HASH_BYTES (the demo model: ~30 ms), so
+    a copy or a fresh clone of the same files matches and any edit doesn't; a larger file (Karlo's, gigabytes) by
+    its size, mtime and first 64 KiB, cheap enough for every run (a full hash would cost more than the run), so an
+    edit, copy-over or touch of it changes the fingerprint."""
     h = hashlib.sha256()
     if model in RANDOM_PRESETS:
         h.update(f"preset:{model}:{_version()}".encode())
@@ -52,9 +57,14 @@ def _folder_fingerprint(root: Path, h) -> str:
                    and p.relative_to(root).as_posix() != GENERATION_CONFIG)
     for p in files:
         st = p.stat()
-        h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        whole = st.st_size <= FULL_HASH_BYTES
+        h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{'' if whole else st.st_mtime_ns}:".encode())
         with open(p, "rb") as f:
-            h.update(f.read(1 << 16))
+            if whole:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(f.read(1 << 16))
     return h.hexdigest()
 
 

@@ -38,6 +38,10 @@ class Context:
     device: torch.device
     rng: np.random.Generator
     gen: torch.Generator
+    bf16: bool = True  # bf16 autocast for the forward passes (train.training_precision decides)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
 
 @dataclass
@@ -48,7 +52,6 @@ class Stage:
     evaluate: Callable[[dict[str, nn.Module]], str]  # EMA modules -> one line of figures
     save: Callable[[dict[str, nn.Module]], None]
     extra: dict[str, nn.Parameter] = field(default_factory=dict)  # trained, not kept (CLIP's temperature)
-    autocast: bool = False  # bf16 autocast (the U-Nets)
 
 
 def frozen(ctx: Context, folder: str) -> nn.Module:
@@ -84,7 +87,7 @@ def clip_stage(ctx: Context) -> Stage:
 
     def loss():
         scenes, captions = data.scenes_and_captions(ctx.rng, cfg.clip.batch)
-        with torch.autocast(dev.type, torch.bfloat16):
+        with ctx.autocast():
             e, _, _ = encode_text(tok, text, captions, dev)
             z = image(data.clip_input(scenes, cfg.clip_image).to(dev))
         value = losses.clip_loss(e, z, logit_scale, data.compatible(captions, scenes).to(dev))
@@ -141,7 +144,7 @@ def prior_stage(ctx: Context) -> Stage:
             x0 = (image(data.clip_input(scenes, cfg.clip_image).to(dev)) - mean) / std  # (B, D) normalised
         t = torch.randint(0, sched.T, (len(scenes),), generator=ctx.gen)
         x_t = sched.noise(x0, t, torch.randn(x0.shape, generator=ctx.gen).to(dev))
-        with torch.autocast(dev.type, torch.bfloat16):
+        with ctx.autocast():
             x0_hat = prior(x_t, t.to(dev).float(), e, H, m)
         value = (x0_hat.float() - x0).pow(2).mean()
         return value, value.item()
@@ -209,7 +212,7 @@ def decoder_stage(ctx: Context) -> Stage:
         x0 = data.pixels(scenes, cfg.base).to(dev)
         t = torch.randint(0, sched.T, (len(scenes),), generator=ctx.gen)
         x_t = sched.noise(x0, t.to(dev), torch.randn(x0.shape, generator=ctx.gen).to(dev))
-        with torch.autocast(dev.type, torch.bfloat16):
+        with ctx.autocast():
             class_emb, context, cmask = proj(z, cond, e, H, m)
             out = dec(x_t, t.to(dev).float(), class_emb, context, cmask).float()
         mse = losses.x0_loss(out[:, :3], x0, t.to(dev), sched, cfg.gamma)
@@ -232,7 +235,7 @@ def decoder_stage(ctx: Context) -> Stage:
         save_component(m["text_proj"], ctx.out, "text_proj", torch.float16)
         save_component(m["decoder"], ctx.out, "decoder", torch.float16)
 
-    return Stage("decoder", {"text_proj": proj, "decoder": dec}, loss, evaluate, save, autocast=True)
+    return Stage("decoder", {"text_proj": proj, "decoder": dec}, loss, evaluate, save)
 
 
 def sample_decoder(proj, dec, tok, text, z, captions, size, dev) -> torch.Tensor:
@@ -263,7 +266,7 @@ def sr_stage(ctx: Context, stage: str) -> Stage:
         hr, low = hr.to(dev), low.to(dev)
         t = torch.randint(0, sched.T, (hr.shape[0],), generator=ctx.gen)
         x_t = sched.noise(hr, t.to(dev), torch.randn(hr.shape, generator=ctx.gen).to(dev))
-        with torch.autocast(dev.type, torch.bfloat16):
+        with ctx.autocast():
             out = net(x_t, t.to(dev).float(), low).float()
         value = losses.x0_loss(out, hr, t.to(dev), sched, cfg.gamma)
         return value, value.item()
@@ -287,7 +290,7 @@ def sr_stage(ctx: Context, stage: str) -> Stage:
         for folder in FOLDERS[stage]:
             save_component(m[stage], ctx.out, folder, torch.float16)
 
-    return Stage(stage, {stage: net}, loss, evaluate, save, autocast=True)
+    return Stage(stage, {stage: net}, loss, evaluate, save)
 
 
 def build(stage: str, ctx: Context) -> Stage:

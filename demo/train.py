@@ -78,6 +78,8 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
     opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in stage.modules.items()}
     start, seconds, history, before = 0, 0.0, [], None
+    precision = "bf16" if ctx.bf16 else "fp32"
+    spans = [[0, precision]]  # [first step, precision] of each stretch (a run resumed in another precision adds one)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=ctx.device, weights_only=False)
         for k, m in stage.modules.items():
@@ -89,11 +91,15 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
         ctx.rng.bit_generator.state = state["rng"]
         ctx.gen.set_state(state["gen"])
         start, seconds, history, before = state["step"], state["seconds"], state["history"], state.get("loss_before")
+        spans = state.get("precision_spans", [[0, "bf16"]])  # checkpoints before the option: bf16 autocast
+        if spans[-1][1] != precision:
+            spans.append([start, precision])
     if before is None:
         before = held_out_loss(stage, ctx)
     progress = Progress(stage.name, sch.steps, echo)
     if start:
-        progress.message(f"resuming at step {start}")
+        progress.message(f"resuming at step {start}" + (f" in {precision} (before: {_spans(spans[:-1])})"
+                                                         if spans[-1][0] == start and len(spans) > 1 else ""))
     last_save, t_start = time.perf_counter(), time.perf_counter() - seconds
     for m in stage.modules.values():
         m.train()
@@ -118,7 +124,7 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
                                     "ema": {k: m.state_dict() for k, m in ema.items()},
                                     "extra": {k: p.detach() for k, p in stage.extra.items()},
                                     "opt": opt.state_dict(), "rng": ctx.rng.bit_generator.state,
-                                    "gen": ctx.gen.get_state(), "loss_before": before})
+                                    "gen": ctx.gen.get_state(), "loss_before": before, "precision_spans": spans})
             last_save = time.perf_counter()
         progress.update(done, value)
         if sch.eval_every and done % sch.eval_every == 0 and done < sch.steps:
@@ -131,7 +137,12 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
     progress.message(f"done in {seconds / 60:.1f} min: held-out loss {before:.4f} -> {after:.4f}; {figures}")
     stage.save(ema)
     return {"steps": sch.steps, "batch": sch.batch, "seconds": round(seconds, 1), "loss_before": before,
-            "loss_after": after, "eval": figures}
+            "loss_after": after, "eval": figures, "precision": _spans(spans)}
+
+
+def _spans(spans: list) -> str:
+    """'fp32', or 'bf16 from step 0, fp32 from step 1200' for a stage resumed in another precision."""
+    return spans[0][1] if len(spans) == 1 else ", ".join(f"{p} from step {s}" for s, p in spans)
 
 
 def held_out_loss(stage: st.Stage, ctx: st.Context, weights: dict | None = None, batches: int = 4) -> float:
@@ -174,9 +185,22 @@ def _write_state(out: Path, state: dict) -> None:
     os.replace(tmp, out / STATE)
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """The forward passes' precision: bf16 autocast, or fp32. `auto` takes bf16 where the hardware computes it (a
+    CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and fp32 elsewhere: a CPU without native bf16 emulates it
+    several times slower than fp32 (an AVX2 CPU, 2026-11-27: a demo decoder step 32.6 s in bf16, 4.0 s in fp32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    from unclip.engine.backend_torch import native_bf16
+    return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
+
+
 def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "cpu", ckpt_dir: str | Path | None = None,
-          only: tuple[str, ...] = (), echo=None, checkpoint_seconds: float = 300) -> Path:
-    """Train (or continue training) every stage of `config` into the model folder `out`."""
+          only: tuple[str, ...] = (), echo=None, checkpoint_seconds: float = 300, precision: str = "auto") -> Path:
+    """Train (or continue training) every stage of `config` into the model folder `out`, the forward passes in
+    `precision` (auto, bf16 or fp32: training_precision)."""
     from unclip.models.io import load_model, write_pipeline_files
     cfg = CONFIGS[config]
     out = Path(out)
@@ -184,6 +208,7 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.with_name(out.name + ".ckpt")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
+    amp = training_precision(precision, dev)
     state = _read_state(out, config, cfg, seed)
     _write_state(out, state)
     write_pipeline_files(out, cfg.tokenizer(), cfg.schedulers(), sr1024=True, defaults=GENERATION)
@@ -191,7 +216,8 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
         if name in state["stages"] or (only and name not in only):
             continue
         torch.manual_seed(seed * 1000 + i)  # the networks' default initialisers draw from the global generator
-        ctx = st.Context(cfg, out, dev, np.random.default_rng([seed, i]), torch.Generator().manual_seed(seed * 1000 + i))
+        ctx = st.Context(cfg, out, dev, np.random.default_rng([seed, i]), torch.Generator().manual_seed(seed * 1000 + i),
+                         bf16=amp == "bf16")
         stage = st.build(name, ctx)
         state["stages"][name] = train_stage(stage, ctx, ckpt_dir / f"{name}.pt", echo, checkpoint_seconds)
         _write_state(out, state)
@@ -209,14 +235,26 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
 @click.option("--checkpoints", default=None, help="checkpoint folder [default: OUT.ckpt next to OUT]")
 @click.option("--threads", type=int, default=0, help="CPU threads (0: torch's default); part of what fixes the result")
 @click.option("--stage", "only", multiple=True, type=click.Choice(st.STAGES), help="train only these stages")
-def main(out, config, seed, device, checkpoints, threads, only):
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              help="forward passes in bf16 autocast or fp32; auto: bf16 where the GPU or CPU computes it natively "
+                   "(AVX512-BF16, AMX), else fp32 (emulated bf16 is several times slower); part of what fixes the "
+                   "result")
+def main(out, config, seed, device, checkpoints, threads, only, precision):
     """Train the demo model (the shapes world of WORLD.md) from scratch, every stage, into OUT."""
     warnings_to_stderr()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.ClickException("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     if threads:
         torch.set_num_threads(threads)
-    path = train(out, config, seed, device, checkpoints, tuple(only))
+    dev = torch.device(device)
+    amp = training_precision(precision, dev)
+    if amp == "bf16" and dev.type == "cpu" and precision == "bf16":
+        from unclip.engine.backend_torch import native_bf16
+        if not native_bf16():
+            click.echo("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times "
+                       "slower than fp32; --precision auto or fp32 trains faster here", err=True)
+    click.echo(f"training in {'bf16 autocast' if amp == 'bf16' else 'fp32'} on {dev}", err=True)
+    path = train(out, config, seed, device, checkpoints, tuple(only), precision=precision)
     click.echo(str(path))
 
 

@@ -163,6 +163,14 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
 
     from unclip.core.artifacts import export_state
     deadline, told = time.monotonic() + wait_s, False
+    loaded: list = []  # the model, loaded once: a wait on another export's lock retries every second
+
+    def model():
+        if not loaded:
+            from unclip.models import resolve_model
+            loaded.append(resolve_model(req.model))
+        return loaded[0]
+
     while True:
         state = export_state(out)
         if state in ("complete", "partial") and _stale_cache(req, out):
@@ -174,7 +182,7 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
                               f"unclip-export --model {req.model} --out {out} --precision "
                               f"{export_precision(req.backend, req.precision)} --force")
         try:
-            return _export(req, out, state, notify)
+            return _export(req, out, state, notify, model)
         except ExportLocked:
             if time.monotonic() > deadline:
                 raise
@@ -184,12 +192,11 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
             time.sleep(1.0)
 
 
-def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
+def _export(req, out: Path, state: str, notify: Callable[[str], None], load: Callable) -> None:
     from unclip.core.spec import spec_from_model
     from unclip.engine.pipeline import final_stage
     from unclip.export.onnx_export import export_model
-    from unclip.models import resolve_model
-    model = resolve_model(req.model)
+    model = load()
     if getattr(req, "settings", None) is not None:
         final_stage(spec_from_model(model), req.settings.size)  # a size the model doesn't make: before any work
     precision = export_precision(req.backend, req.precision)
@@ -210,8 +217,8 @@ def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
 
 def _stale_cache(req, out: Path) -> bool:
     """Whether `out` is the default engines folder (this tool's own cache: no --engines given) and holds engines
-    of the same model before its weights or configs changed (a package upgrade, a retrained folder, a fresh
-    clone's file times): those are exported again (onnxruntime and openvino; tensorrt engines are built by
+    of the same model before its weights or configs changed (a package upgrade, a retrained folder; for files
+    over identity.FULL_HASH_BYTES, a new mtime): those are exported again (onnxruntime and openvino; tensorrt engines are built by
     unclip-export --trt). A complete folder the user named is refused by check_export with the fix."""
     from unclip.core.artifacts import read_manifest
     from unclip.core.identity import fingerprint, source_path

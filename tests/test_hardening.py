@@ -492,3 +492,31 @@ def test_negative_warns_when_the_models_own_scales_are_1(runner, tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"prior_guidance": 1.0, "decoder_guidance": 1.0}))
     args = ["cat", *FAST, "--model", str(folder), "--backend", "torch", "--negative", "dog"]
     assert "--negative is not used" in _ok(runner.invoke(main, args)).stderr
+
+
+def test_a_run_waiting_on_another_export_loads_the_model_once(tmp_path, monkeypatch):
+    """While another process holds the export lock, ensure_export retries every second: it must not load the model
+    (gigabytes for Karlo) at each retry."""
+    from types import SimpleNamespace
+
+    from unclip import models
+    from unclip.core.errors import ExportLocked
+    from unclip.engine import backend
+    from unclip.export import onnx_export
+    loads, tries = [], []
+    real = models.resolve_model
+    monkeypatch.setattr(models, "resolve_model", lambda m: loads.append(m) or real(m))
+
+    def locked_twice(model, out, **kw):
+        tries.append(out)
+        if len(tries) < 3:
+            raise ExportLocked(f"{out}: another export (pid 1) is writing here; wait for it to finish")
+
+    monkeypatch.setattr(onnx_export, "export_model", locked_twice)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    told = []
+    req = SimpleNamespace(backend="onnxruntime", model="tiny", engines=str(tmp_path / "e"), device="cpu",
+                          precision="fp32", max_batch=1)
+    backend.ensure_export(req, tmp_path / "e", told.append)
+    assert len(tries) == 3 and loads == ["tiny"]
+    assert sum("another export is writing" in m for m in told) == 1, told

@@ -377,6 +377,34 @@ def test_unreadable_generation_config_says_fix_or_delete(tiny_folder, tmp_path):
         load_model(own)
 
 
+def test_the_fingerprint_reads_contents_and_a_large_files_time(tiny_folder, tmp_path, monkeypatch):
+    """A copy of the same files with other file times (a fresh clone, a package reinstall) has the model's
+    fingerprint, so its engines stay valid; an edit past the first 64 KiB that keeps the size changes it. Files over
+    FULL_HASH_BYTES (Karlo's) are read only in part, and there a new mtime changes it."""
+    import os
+
+    from unclip.core import identity
+    own = tmp_path / "own"
+    shutil.copytree(tiny_folder, own)
+    files = [p for p in own.rglob("*") if p.is_file()]
+    for p in files:
+        os.utime(p, ns=(10**18, 10**18))
+    assert identity.fingerprint(str(own)) == identity.fingerprint(str(tiny_folder))
+    w = own / "decoder" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    assert len(data) > 1 << 16
+    data[-4:] = bytes(4) if data[-4:] != bytes(4) else b"\x00\x00\x80\x3f"  # the last weight, same size
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(10**18, 10**18))
+    edited = identity.fingerprint(str(own))
+    assert edited != identity.fingerprint(str(tiny_folder))
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 0)  # every file "large": size, mtime, first 64 KiB
+    large = identity.fingerprint(str(own))
+    assert large != edited
+    os.utime(w, ns=(2 * 10**18, 2 * 10**18))
+    assert identity.fingerprint(str(own)) != large
+
+
 def test_editing_generation_config_needs_no_reexport(tiny_folder, tmp_path):
     """Engines don't depend on the default scales: a changed file is read when a backend opens, the export stays."""
     from types import SimpleNamespace

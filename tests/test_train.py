@@ -27,6 +27,7 @@ def test_every_stage_learns_and_the_folder_loads(smoke):
     for name, figures in state["stages"].items():
         # the same fixed held-out batches before and after training
         assert figures["loss_after"] < figures["loss_before"], (name, figures)
+        assert figures["precision"] == tr.training_precision("auto", torch.device("cpu")), figures
     model = load_model(smoke)
     assert model.decoder.config.sample_size == 32 and model.sr1024.config.sample_size == 512
     assert model.prior.clip_std.abs().min() > 0  # the normalisation statistics came from the data
@@ -81,6 +82,44 @@ def test_deterministic_and_resumable(tmp_path, monkeypatch):
     d = tr.train(tmp_path / "d", "smoke", seed=2, only=("clip",), echo=_quiet)
     assert not torch.equal(_weights(d)["text_encoder/text_model.final_layer_norm.weight"],
                            wa["text_encoder/text_model.final_layer_norm.weight"])
+
+
+def test_training_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    """auto: bf16 autocast on a CPU with native bf16, fp32 on one without (emulated bf16 is several times slower);
+    an explicit choice is kept; the stages' forward passes compute in the chosen precision."""
+    import numpy as np
+    from unclip.demo.config import CONFIGS
+    from unclip.engine import backend_torch
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(backend_torch, "native_bf16", lambda native=native: native)
+        assert tr.training_precision("auto", cpu) == expected
+        assert tr.training_precision("bf16", cpu) == "bf16" and tr.training_precision("fp32", cpu) == "fp32"
+    x = torch.randn(4, 8)
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        ctx = st.Context(CONFIGS["smoke"], None, cpu, np.random.default_rng(0), torch.Generator(), bf16=bf16)
+        with ctx.autocast():
+            assert (x @ x.T).dtype == dtype
+
+
+def test_a_stage_resumed_in_another_precision_records_both(tmp_path, monkeypatch):
+    real_update = tr.Progress.update
+    stopped: list[int] = []
+
+    def stop_once(self, step, loss):  # Ctrl-C after clip's step 12 was checkpointed
+        if step == 12 and not stopped:
+            stopped.append(step)
+            raise KeyboardInterrupt
+        real_update(self, step, loss)
+
+    monkeypatch.setattr(tr.Progress, "update", stop_once)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(tmp_path / "m", "smoke", seed=0, only=("clip",), echo=_quiet, checkpoint_seconds=0, precision="fp32")
+    lines: list[str] = []
+    tr.train(tmp_path / "m", "smoke", seed=0, only=("clip",), echo=lambda m, nl=True: lines.append(m), precision="bf16")
+    state = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert state["stages"]["clip"]["precision"] == "fp32 from step 0, bf16 from step 12"
+    assert any("resuming at step 12 in bf16 (before: fp32)" in line for line in lines), lines
 
 
 def test_upsampler_crops_reach_the_image_border():
