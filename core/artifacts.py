@@ -107,6 +107,15 @@ def verify_files(out_dir: Path, entry: dict, network: str, fix: str) -> None:
             raise ExportError(f"{path}: contents differ from the manifest (modified after export); run: {fix}")
 
 
+def export_locked(out_dir: Path) -> bool:
+    """Whether another live process holds `out_dir`'s export lock (a cheap look before loading a model to export)."""
+    try:
+        pid = int((out_dir / ".export.lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return bool(pid) and pid != os.getpid() and _alive(pid)
+
+
 @contextmanager
 def export_lock(out_dir: Path):
     """One export per directory at a time: a second one is refused, naming the holder."""

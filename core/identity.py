@@ -29,42 +29,61 @@ def _version() -> str:
         return "0"
 
 
-FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones by size, mtime and first 64 KiB
+FULL_HASH_BYTES = 64 << 20  # a folder whose fingerprinted files total up to this is hashed whole (the demo: 30 MB)
 
 
 def fingerprint(model: str) -> str:
     """A random preset's name and the package version (its weights come from code), or for a folder each weight,
-    config and tokenizer file's name and contents: hashed whole up to FULL_HASH_BYTES (the demo model: ~30 ms), so
-    a copy or a fresh clone of the same files matches and any edit doesn't; a larger file (Karlo's, gigabytes) by
-    its size, mtime and first 64 KiB, cheap enough for every run (a full hash would cost more than the run), so an
-    edit, copy-over or touch of it changes the fingerprint."""
+    config and tokenizer file's name and size with either its whole contents, where the folder's files total up to
+    FULL_HASH_BYTES (the demo model, ~30 ms: a copy or a fresh clone of the same files matches, any edit doesn't),
+    or its mtime and first 64 KiB (Karlo's gigabytes: cheap enough for every run, where a full hash would cost more
+    than the run; an edit, copy-over or touch changes it). same_model also accepts the form written before.
+    """
     h = hashlib.sha256()
     if model in RANDOM_PRESETS:
         h.update(f"preset:{model}:{_version()}".encode())
         return h.hexdigest()
+    return _folder_fingerprint(_folder(model), h)
+
+
+def same_model(recorded: str | None, model: str) -> bool:
+    """Whether a fingerprint an export recorded is the model's: today's form, or for a small folder the form
+    exports recorded before 2026-11-27 (every file by name, size, mtime and first 64 KiB, still today's form for a
+    large folder), so engines exported then stay valid."""
+    if not recorded:
+        return False
+    if recorded == fingerprint(model):
+        return True
+    return model not in RANDOM_PRESETS and recorded == _folder_fingerprint(_folder(model), hashlib.sha256(),
+                                                                          whole=False)
+
+
+def _folder(model: str) -> Path:
     root = demo_folder() if model == "demo" else Path(model)
     if not root.is_dir():
         raise ModelLoadError(f"{root}: no such model folder; pass the folder that holds model_index.json")
+    return root
+
+
+def _folder_fingerprint(root: Path, h, whole: bool | None = None) -> str:
     try:
-        return _folder_fingerprint(root, h)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json",
+                                                                                  ".txt")
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                       and p.relative_to(root).as_posix() != GENERATION_CONFIG)
+        stats = [(p, p.stat()) for p in files]
+        if whole is None:
+            whole = sum(st.st_size for _, st in stats) <= FULL_HASH_BYTES
+        for p, st in stats:
+            h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{'' if whole else st.st_mtime_ns}:".encode())
+            with open(p, "rb") as f:
+                if whole:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                else:
+                    h.update(f.read(1 << 16))
     except PermissionError as e:
         raise ModelLoadError(f"{e.filename}: permission denied; ask the folder's owner for read access") from None
-
-
-def _folder_fingerprint(root: Path, h) -> str:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                   and p.relative_to(root).as_posix() != GENERATION_CONFIG)
-    for p in files:
-        st = p.stat()
-        whole = st.st_size <= FULL_HASH_BYTES
-        h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{'' if whole else st.st_mtime_ns}:".encode())
-        with open(p, "rb") as f:
-            if whole:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                h.update(f.read(1 << 16))
     return h.hexdigest()
 
 

@@ -92,7 +92,7 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
         ctx.gen.set_state(state["gen"])
         start, seconds, history, before = state["step"], state["seconds"], state["history"], state.get("loss_before")
         spans = state.get("precision_spans", [[0, "bf16"]])  # checkpoints before the option: bf16 autocast
-        if spans[-1][1] != precision:
+        if spans[-1][1] != precision and start < sch.steps:
             spans.append([start, precision])
     if before is None:
         before = held_out_loss(stage, ctx)
@@ -187,12 +187,15 @@ def _write_state(out: Path, state: dict) -> None:
 
 def training_precision(precision: str, device: torch.device) -> str:
     """The forward passes' precision: bf16 autocast, or fp32. `auto` takes bf16 where the hardware computes it (a
-    CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and fp32 elsewhere: a CPU without native bf16 emulates it
-    several times slower than fp32 (an AVX2 CPU, 2026-11-27: a demo decoder step 32.6 s in bf16, 4.0 s in fp32)."""
+    CUDA GPU of compute capability 8 or newer, a CPU with AVX512-BF16 or AMX) and fp32 elsewhere: a CPU without
+    native bf16 emulates it several times slower than fp32 (an AVX2 CPU, 2026-11-27: a demo decoder step 32.6 s in
+    bf16, 4.0 s in fp32)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"training precision {precision!r}: choose auto, bf16 or fp32")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # Ampere (compute capability 8) and newer compute bf16; older GPUs emulate it
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     from unclip.engine.backend_torch import native_bf16
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
@@ -216,8 +219,8 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
         if name in state["stages"] or (only and name not in only):
             continue
         torch.manual_seed(seed * 1000 + i)  # the networks' default initialisers draw from the global generator
-        ctx = st.Context(cfg, out, dev, np.random.default_rng([seed, i]), torch.Generator().manual_seed(seed * 1000 + i),
-                         bf16=amp == "bf16")
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        ctx = st.Context(cfg, out, dev, np.random.default_rng([seed, i]), gen, bf16=amp == "bf16")
         stage = st.build(name, ctx)
         state["stages"][name] = train_stage(stage, ctx, ckpt_dir / f"{name}.pt", echo, checkpoint_seconds)
         _write_state(out, state)

@@ -142,8 +142,8 @@ def model_defaults(model: str) -> dict[str, float | int]:
 def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str) -> None:
     """Refuse engines exported from another model, from this model before its weights changed, or at another
     precision than the one asked for."""
-    from unclip.core.identity import fingerprint, source_path
-    if manifest.get("fingerprint") != fingerprint(model):
+    from unclip.core.identity import same_model, source_path
+    if not same_model(manifest.get("fingerprint"), model):
         same = manifest.get("source_path") == source_path(model)
         what = "an earlier version of it (its weights or configs changed)" if same else repr(manifest.get("source_path") or
                                                                                    manifest.get("source") or "?")
@@ -161,15 +161,14 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
     (_stale_cache), and a run that finds another export at work waits for it."""
     import time
 
-    from unclip.core.artifacts import export_state
+    from unclip.core.artifacts import export_locked, export_state
     deadline, told = time.monotonic() + wait_s, False
-    loaded: list = []  # the model, loaded once: a wait on another export's lock retries every second
+    said: set = set()
 
-    def model():
-        if not loaded:
-            from unclip.models import resolve_model
-            loaded.append(resolve_model(req.model))
-        return loaded[0]
+    def once(message: str) -> None:  # each retry's "exporting ..." line said once
+        if message not in said:
+            said.add(message)
+            notify(message)
 
     while True:
         state = export_state(out)
@@ -182,7 +181,9 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
                               f"unclip-export --model {req.model} --out {out} --precision "
                               f"{export_precision(req.backend, req.precision)} --force")
         try:
-            return _export(req, out, state, notify, model)
+            if export_locked(out):  # look before loading the model (gigabytes for Karlo) only to find the lock held
+                raise ExportLocked(f"{out}: another export is writing here")
+            return _export(req, out, state, once)
         except ExportLocked:
             if time.monotonic() > deadline:
                 raise
@@ -192,11 +193,12 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
             time.sleep(1.0)
 
 
-def _export(req, out: Path, state: str, notify: Callable[[str], None], load: Callable) -> None:
+def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
     from unclip.core.spec import spec_from_model
     from unclip.engine.pipeline import final_stage
     from unclip.export.onnx_export import export_model
-    model = load()
+    from unclip.models import resolve_model
+    model = resolve_model(req.model)
     if getattr(req, "settings", None) is not None:
         final_stage(spec_from_model(model), req.settings.size)  # a size the model doesn't make: before any work
     precision = export_precision(req.backend, req.precision)
@@ -217,16 +219,18 @@ def _export(req, out: Path, state: str, notify: Callable[[str], None], load: Cal
 
 def _stale_cache(req, out: Path) -> bool:
     """Whether `out` is the default engines folder (this tool's own cache: no --engines given) and holds engines
-    of the same model before its weights or configs changed (a package upgrade, a retrained folder; for files
-    over identity.FULL_HASH_BYTES, a new mtime): those are exported again (onnxruntime and openvino; tensorrt engines are built by
-    unclip-export --trt). A complete folder the user named is refused by check_export with the fix."""
+    of the same model before its weights or configs changed (a package upgrade, a retrained folder; for a folder
+    over identity.FULL_HASH_BYTES, a new mtime): those are exported again, each network whose weights are unchanged
+    kept (onnxruntime and openvino; tensorrt engines are built by unclip-export --trt). A complete folder the user
+    named is refused by check_export with the fix."""
     from unclip.core.artifacts import read_manifest
-    from unclip.core.identity import fingerprint, source_path
+    from unclip.core.identity import same_model, source_path
     if req.engines:
         return False
     try:
         manifest = read_manifest(out, "")
     except ExportError:
         return False
-    return (manifest.get("source_path") == source_path(req.model) and manifest.get("fingerprint") != fingerprint(req.model)
+    return (manifest.get("source_path") == source_path(req.model)
+            and not same_model(manifest.get("fingerprint"), req.model)
             and (manifest.get("options") or {}).get("precision") == export_precision(req.backend, req.precision))

@@ -278,6 +278,12 @@ def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _O
                                              entry["export_s"], entry["max_abs"], entry["rel_l2"]))
             if progress:
                 progress(reports[-1])
+        try:
+            on_disk = read_manifest(out, fix)
+        except ExportError:
+            on_disk = None
+        if on_disk != json.loads(json.dumps(manifest)):  # every network kept but the record changed (the model's
+            write_manifest(out, manifest)  # files copied or touched since: today's fingerprint)
     return reports
 
 
@@ -336,10 +342,8 @@ def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: s
         return {"format": FORMAT, "networks": {}}
     same = _sizes(manifest.get("spec")) == _sizes(spec.to_json()) and manifest.get("source_path") == (
         source_path(source) if source else None)
-    if same and (not source or manifest.get("fingerprint") == _fingerprint(source)):
-        return manifest
-    if same:  # the same model folder, edited since: its networks are all exported again (their keys changed)
-        return {**manifest, "networks": {}}
+    if same:  # this model folder (also edited since: each network whose weights changed has a new key and is
+        return manifest  # exported again, the others kept, and the manifest takes today's fingerprint)
     if not force and manifest["networks"]:
         raise ExportError(f"{out} holds engines of {manifest.get('source') or 'another model'!r}; choose another "
                           f"--out, or replace them: {fix} --force")

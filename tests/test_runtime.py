@@ -377,32 +377,42 @@ def test_unreadable_generation_config_says_fix_or_delete(tiny_folder, tmp_path):
         load_model(own)
 
 
-def test_the_fingerprint_reads_contents_and_a_large_files_time(tiny_folder, tmp_path, monkeypatch):
-    """A copy of the same files with other file times (a fresh clone, a package reinstall) has the model's
-    fingerprint, so its engines stay valid; an edit past the first 64 KiB that keeps the size changes it. Files over
-    FULL_HASH_BYTES (Karlo's) are read only in part, and there a new mtime changes it."""
+def test_the_fingerprint_reads_a_small_folders_contents_and_a_large_ones_times(tiny_folder, tmp_path, monkeypatch):
+    """A small folder's fingerprint is its files' contents: a copy with other file times (a fresh clone, a package
+    reinstall) matches, an edit past the first 64 KiB that keeps the size doesn't. A folder over FULL_HASH_BYTES
+    (Karlo's) is read in part, by size, mtime and first 64 KiB: there a touch changes it. Fingerprints recorded in
+    that partial form before (every folder's, until 2026-11-27) are still the model's (same_model)."""
+    import hashlib
     import os
 
     from unclip.core import identity
     own = tmp_path / "own"
     shutil.copytree(tiny_folder, own)
-    files = [p for p in own.rglob("*") if p.is_file()]
-    for p in files:
+    for p in own.rglob("*"):
         os.utime(p, ns=(10**18, 10**18))
     assert identity.fingerprint(str(own)) == identity.fingerprint(str(tiny_folder))
+    old_form = identity._folder_fingerprint(own, hashlib.sha256(), whole=False)
+    assert old_form != identity.fingerprint(str(own)) and identity.same_model(old_form, str(own))
     w = own / "decoder" / "diffusion_pytorch_model.safetensors"
     data = bytearray(w.read_bytes())
     assert len(data) > 1 << 16
     data[-4:] = bytes(4) if data[-4:] != bytes(4) else b"\x00\x00\x80\x3f"  # the last weight, same size
     w.write_bytes(bytes(data))
     os.utime(w, ns=(10**18, 10**18))
-    edited = identity.fingerprint(str(own))
-    assert edited != identity.fingerprint(str(tiny_folder))
-    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 0)  # every file "large": size, mtime, first 64 KiB
-    large = identity.fingerprint(str(own))
-    assert large != edited
+    assert identity.fingerprint(str(own)) != identity.fingerprint(str(tiny_folder))
+    assert not identity.same_model(identity.fingerprint(str(tiny_folder)), str(own))
+    size = sum(p.stat().st_size for p in own.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json",
+                                                                                         ".txt")
+               and p.name != identity.GENERATION_CONFIG)
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", size)  # at the threshold: still hashed whole
+    whole = identity.fingerprint(str(own))
     os.utime(w, ns=(2 * 10**18, 2 * 10**18))
-    assert identity.fingerprint(str(own)) != large
+    assert identity.fingerprint(str(own)) == whole
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", size - 1)  # one byte over: size, mtime, first 64 KiB
+    large = identity.fingerprint(str(own))
+    os.utime(w, ns=(3 * 10**18, 3 * 10**18))
+    touched = identity.fingerprint(str(own))
+    assert touched != large and identity.same_model(touched, str(own)) and not identity.same_model(large, str(own))
 
 
 def test_editing_generation_config_needs_no_reexport(tiny_folder, tmp_path):
