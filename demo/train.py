@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -200,15 +201,22 @@ def training_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
 
-def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "cpu", ckpt_dir: str | Path | None = None,
-          only: tuple[str, ...] = (), echo=None, checkpoint_seconds: float = 300, precision: str = "auto") -> Path:
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a running stage is checkpointed (default: OUT.ckpt next to the model folder OUT) and how often."""
+    folder: str | Path | None = None
+    seconds: float = 300
+
+
+def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "cpu", precision: str = "auto",
+          only: tuple[str, ...] = (), echo=None, checkpoints: Checkpoints = Checkpoints()) -> Path:
     """Train (or continue training) every stage of `config` into the model folder `out`, the forward passes in
     `precision` (auto, bf16 or fp32: training_precision)."""
     from unclip.models.io import load_model, write_pipeline_files
     cfg = CONFIGS[config]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir else out.with_name(out.name + ".ckpt")
+    ckpt_dir = Path(checkpoints.folder) if checkpoints.folder else out.with_name(out.name + ".ckpt")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     amp = training_precision(precision, dev)
@@ -222,7 +230,7 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         ctx = st.Context(cfg, out, dev, np.random.default_rng([seed, i]), gen, bf16=amp == "bf16")
         stage = st.build(name, ctx)
-        state["stages"][name] = train_stage(stage, ctx, ckpt_dir / f"{name}.pt", echo, checkpoint_seconds)
+        state["stages"][name] = train_stage(stage, ctx, ckpt_dir / f"{name}.pt", echo, checkpoints.seconds)
         _write_state(out, state)
         (ckpt_dir / f"{name}.pt").unlink(missing_ok=True)
     if all(s in state["stages"] for s in st.STAGES):
@@ -257,7 +265,7 @@ def main(out, config, seed, device, checkpoints, threads, only, precision):
             click.echo("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times "
                        "slower than fp32; --precision auto or fp32 trains faster here", err=True)
     click.echo(f"training in {'bf16 autocast' if amp == 'bf16' else 'fp32'} on {dev}", err=True)
-    path = train(out, config, seed, device, checkpoints, tuple(only), precision=precision)
+    path = train(out, config, seed, device, precision, tuple(only), checkpoints=Checkpoints(checkpoints))
     click.echo(str(path))
 
 

@@ -73,7 +73,7 @@ def test_deterministic_and_resumable(tmp_path, monkeypatch):
     stopped: list[int] = []
     monkeypatch.setattr(tr.Progress, "update", stop_once)
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet, checkpoint_seconds=0)
+        tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet, checkpoints=tr.Checkpoints(seconds=0))
     assert (tmp_path / "c" / "text_encoder").is_dir() and not (tmp_path / "c" / "prior").exists()
     c = tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet)  # the same command continues
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
@@ -120,7 +120,8 @@ def test_a_stage_resumed_in_another_precision_records_both(tmp_path, monkeypatch
 
     monkeypatch.setattr(tr.Progress, "update", stop_once)
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tmp_path / "m", "smoke", seed=0, only=("clip",), echo=_quiet, checkpoint_seconds=0, precision="fp32")
+        tr.train(tmp_path / "m", "smoke", seed=0, precision="fp32", only=("clip",), echo=_quiet,
+                 checkpoints=tr.Checkpoints(seconds=0))
     lines: list[str] = []
     tr.train(tmp_path / "m", "smoke", seed=0, only=("clip",), echo=lambda m, nl=True: lines.append(m), precision="bf16")
     state = json.loads((tmp_path / "m" / "training.json").read_text())
