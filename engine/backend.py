@@ -220,9 +220,9 @@ def _export(req, out: Path, state: str, notify: Callable[[str], None]) -> None:
 def _stale_cache(req, out: Path) -> bool:
     """Whether `out` is the default engines folder (this tool's own cache: no --engines given) and holds engines
     of the same model before its weights or configs changed (a package upgrade, a retrained folder; for a folder
-    over identity.FULL_HASH_BYTES, a new mtime): those are exported again, each network whose weights are unchanged
-    kept (onnxruntime and openvino; tensorrt engines are built by unclip-export --trt). A complete folder the user
-    named is refused by check_export with the fix."""
+    over identity.FULL_HASH_BYTES, a new mtime): those are exported again (onnxruntime and openvino; tensorrt
+    engines are built by unclip-export --trt). A complete folder the user named is refused by check_export with
+    the fix."""
     from unclip.core.artifacts import read_manifest
     from unclip.core.identity import same_model, source_path
     if req.engines:

@@ -27,7 +27,7 @@ from unclip.core.artifacts import (
     write_manifest,
 )
 from unclip.core.contract import Contract, contracts
-from unclip.core.identity import source_path
+from unclip.core.identity import same_model, source_path
 from unclip.core.spec import ModelSpec, spec_from_model
 from unclip.core.stages import NETWORK_STAGE as NETWORKS
 from unclip.core.stages import STAGES
@@ -278,12 +278,6 @@ def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _O
                                              entry["export_s"], entry["max_abs"], entry["rel_l2"]))
             if progress:
                 progress(reports[-1])
-        try:
-            on_disk = read_manifest(out, fix)
-        except ExportError:
-            on_disk = None
-        if on_disk != json.loads(json.dumps(manifest)):  # every network kept but the record changed (the model's
-            write_manifest(out, manifest)  # files copied or touched since: today's fingerprint)
     return reports
 
 
@@ -342,8 +336,10 @@ def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: s
         return {"format": FORMAT, "networks": {}}
     same = _sizes(manifest.get("spec")) == _sizes(spec.to_json()) and manifest.get("source_path") == (
         source_path(source) if source else None)
-    if same:  # this model folder (also edited since: each network whose weights changed has a new key and is
-        return manifest  # exported again, the others kept, and the manifest takes today's fingerprint)
+    if same and (not source or same_model(manifest.get("fingerprint"), source)):
+        return manifest
+    if same:  # the same model folder, edited since: all its networks are exported again (a network's key holds
+        return {**manifest, "networks": {}}  # its weights, not its config: an edited activation or eps keeps them)
     if not force and manifest["networks"]:
         raise ExportError(f"{out} holds engines of {manifest.get('source') or 'another model'!r}; choose another "
                           f"--out, or replace them: {fix} --force")
