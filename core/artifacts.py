@@ -107,13 +107,18 @@ def verify_files(out_dir: Path, entry: dict, network: str, fix: str) -> None:
             raise ExportError(f"{path}: contents differ from the manifest (modified after export); run: {fix}")
 
 
+def _holder(lock: Path) -> int:
+    """The pid written in an export lock file if that process is alive, else 0."""
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    return pid if pid and _alive(pid) else 0
+
+
 def export_locked(out_dir: Path) -> bool:
     """Whether another live process holds `out_dir`'s export lock (a cheap look before loading a model to export)."""
-    try:
-        pid = int((out_dir / ".export.lock").read_text().strip() or 0)
-    except (OSError, ValueError):
-        return False
-    return bool(pid) and pid != os.getpid() and _alive(pid)
+    return _holder(out_dir / ".export.lock") not in (0, os.getpid())
 
 
 @contextmanager
@@ -124,11 +129,8 @@ def export_lock(out_dir: Path):
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except (OSError, ValueError):
-            pid = 0
-        if pid and _alive(pid):
+        pid = _holder(lock)
+        if pid:
             raise ExportLocked(f"{out_dir}: another export (pid {pid}) is writing here; wait for it to finish") from None
         lock.unlink(missing_ok=True)  # stale: its process is gone
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

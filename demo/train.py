@@ -259,11 +259,10 @@ def main(out, config, seed, device, checkpoints, threads, only, precision):
         torch.set_num_threads(threads)
     dev = torch.device(device)
     amp = training_precision(precision, dev)
-    if amp == "bf16" and dev.type == "cpu" and precision == "bf16":
-        from unclip.engine.backend_torch import native_bf16
-        if not native_bf16():
-            click.echo("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times "
-                       "slower than fp32; --precision auto or fp32 trains faster here", err=True)
+    from unclip.engine.backend_torch import native_bf16
+    if precision == "bf16" and dev.type == "cpu" and not native_bf16():
+        click.echo("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times "
+                   "slower than fp32; --precision auto or fp32 trains faster here", err=True)
     click.echo(f"training in {'bf16 autocast' if amp == 'bf16' else 'fp32'} on {dev}", err=True)
     path = train(out, config, seed, device, precision, tuple(only), checkpoints=Checkpoints(checkpoints))
     click.echo(str(path))

@@ -163,13 +163,6 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
 
     from unclip.core.artifacts import export_locked, export_state
     deadline, told = time.monotonic() + wait_s, False
-    said: set = set()
-
-    def once(message: str) -> None:  # each retry's "exporting ..." line said once
-        if message not in said:
-            said.add(message)
-            notify(message)
-
     while True:
         state = export_state(out)
         if state in ("complete", "partial") and _stale_cache(req, out):
@@ -183,7 +176,7 @@ def ensure_export(req, out: Path, notify: Callable[[str], None], wait_s: float =
         try:
             if export_locked(out):  # look before loading the model (gigabytes for Karlo) only to find the lock held
                 raise ExportLocked(f"{out}: another export is writing here")
-            return _export(req, out, state, once)
+            return _export(req, out, state, notify)
         except ExportLocked:
             if time.monotonic() > deadline:
                 raise
