@@ -405,7 +405,9 @@ def markdown(report: dict) -> str:
         cells = [f"{r['ms_per_step']:.1f}" if r else "-" for r in rows]
         pct = [f"{100 * report['stages'][n][st]['fraction_of_peak']:.0f}%" if report["stages"][n].get(st) else "-"
                for n in names if n != "diffusers"]
-        lines.append(f"| {st} | {gf:.2f} | " + " | ".join(cells) + " | " + " | ".join(pct) + " |")
+        # three significant figures below 1 GFLOP (a 0.026 GFLOP text encoder would print 0.03 at two decimals)
+        gf_text = f"{gf:.2f}" if gf >= 1 else f"{gf:.3g}"
+        lines.append(f"| {st} | {gf_text} | " + " | ".join(cells) + " | " + " | ".join(pct) + " |")
     cuda = report["settings"]["device"].startswith("cuda")
     lines += ["", "| backend | load s | s/image (batch 1) | images/s (batch "
               f"{report['settings']['batch']}) | peak memory MB | speed-up vs diffusers (batch 1) | "

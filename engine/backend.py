@@ -144,9 +144,10 @@ def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str
     precision than the one asked for."""
     from unclip.core.identity import same_model, source_path
     if not same_model(manifest.get("fingerprint"), model):
-        same = manifest.get("source_path") == source_path(model)
-        what = "an earlier version of it (its weights or configs changed)" if same else repr(manifest.get("source_path") or
-                                                                                   manifest.get("source") or "?")
+        if manifest.get("source_path") == source_path(model):  # the export keeps the networks that didn't change
+            raise ExportError(f"{out} holds engines of an earlier version of --model {model} (its files changed "
+                              f"since); export the changed networks again: {fix}")
+        what = repr(manifest.get("source_path") or manifest.get("source") or "?")
         raise ExportError(f"{out} holds engines of {what}, not of --model {model}; pass --engines DIR for another "
                           f"folder, or re-export here: {fix} --force")
     exported = (manifest.get("options") or {}).get("precision")

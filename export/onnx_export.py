@@ -96,6 +96,14 @@ def weights_hash(net: nn.Module) -> str:
     return h.hexdigest()
 
 
+def config_key(net: nn.Module) -> str:
+    """A hash of the network's config: what shapes its graph besides its weights (an activation, an epsilon, a head
+    count can change with the same tensors). Recorded beside each network's key, so that an export after the model
+    folder was edited keeps exactly the networks whose weights and config are both unchanged."""
+    from unclip.models.common import config_to_dict
+    return sha256_json(config_to_dict(net.config))
+
+
 def versions() -> dict:
     import onnx
     out = {"torch": torch.__version__, "onnx": onnx.__version__}
@@ -266,18 +274,30 @@ def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _O
             c = cs[name]
             key = sha256_json({"weights": weights_hash(nets[name]), "contract": repr(c), "options": options,
                                "versions": ver, "graph_form": GRAPH_FORM})
+            ck = config_key(nets[name])
             entry = manifest["networks"].get(name)
-            if not force and entry and entry.get("key") == key and _intact(out, entry, name):
+            # an entry without a config record (exported before it was kept) is here only when the folder is
+            # unchanged since (_start_manifest): its config is today's
+            if (not force and entry and entry.get("key") == key and entry.get("config", ck) == ck
+                    and _intact(out, entry, name)):
+                entry["config"] = ck
                 reports.append(NetworkReport(name, True, sum(r["size"] for r in entry["files"].values()), 0.0,
                                              entry["max_abs"], entry["rel_l2"]))
             else:
-                manifest["networks"][name] = _export_network(nets[name], c, spec, out, manifest, precision, key)
+                manifest["networks"][name] = {**_export_network(nets[name], c, spec, out, manifest, precision, key),
+                                              "config": ck}
                 entry = manifest["networks"][name]
                 write_manifest(out, manifest)
                 reports.append(NetworkReport(name, False, sum(r["size"] for r in entry["files"].values()),
                                              entry["export_s"], entry["max_abs"], entry["rel_l2"]))
             if progress:
                 progress(reports[-1])
+        try:
+            on_disk = read_manifest(out, fix)
+        except ExportError:
+            on_disk = None
+        if on_disk != json.loads(json.dumps(manifest)):  # networks kept but the record changed: the model folder
+            write_manifest(out, manifest)  # was copied, touched or edited elsewhere since (today's fingerprint)
     return reports
 
 
@@ -338,8 +358,9 @@ def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: s
         source_path(source) if source else None)
     if same and (not source or same_model(manifest.get("fingerprint"), source)):
         return manifest
-    if same:  # the same model folder, edited since: all its networks are exported again (a network's key holds
-        return {**manifest, "networks": {}}  # its weights, not its config: an edited activation or eps keeps them)
+    if same:  # the same model folder, edited, copied over or touched since: a network is kept where its weights
+        # and config are unchanged (its key and config record); one exported before configs were recorded is not
+        return {**manifest, "networks": {n: e for n, e in manifest["networks"].items() if "config" in e}}
     if not force and manifest["networks"]:
         raise ExportError(f"{out} holds engines of {manifest.get('source') or 'another model'!r}; choose another "
                           f"--out, or replace them: {fix} --force")

@@ -37,7 +37,12 @@ def test_latency_script_writes_full_report(tmp_path):
     assert set(report["peak_gflops"]) == {"fp32", "bf16"}
     for d in report["image_difference"].values():
         assert 0 <= d["mean_abs"] <= d["max_abs"] <= 1
-    assert "| decoder |" in (tmp_path / "latency.md").read_text()
+    md = (tmp_path / "latency.md").read_text()
+    assert "| decoder |" in md
+    # a small stage's GFLOP is printed to 1% (two decimals would print a 0.026 GFLOP text encoder as 0.03)
+    for st, row in report["stages"]["torch"].items():
+        cell = next(line for line in md.splitlines() if line.startswith(f"| {st} |")).split("|")[2]
+        assert abs(float(cell) - row["gflops_per_step"]) <= 0.01 * row["gflops_per_step"], (st, cell)
 
 
 def _latency_module():

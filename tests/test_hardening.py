@@ -176,7 +176,19 @@ def test_engines_of_a_model_edited_in_place_are_refused(runner, tmp_path):
     data = bytearray(w.read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
     w.write_bytes(bytes(data))
-    _one_line_error(runner.invoke(main, args), "an earlier version of it (its weights or configs changed)")
+    res = runner.invoke(main, args)
+    _one_line_error(res, "holds engines of an earlier version of --model m")
+    line = res.output.strip().splitlines()[-1]
+    fix = line.split("again: ")[1].split()  # unclip-export --model m --out e --precision fp32 (no --force needed)
+    assert fix[:1] == ["unclip-export"] and "--force" not in fix, line
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    res = runner.invoke(export_main, fix[1:])
+    assert res.exit_code == 0, res.output
+    after = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert after["networks"]["decoder"]["files"] != manifest["networks"]["decoder"]["files"]
+    assert {n: e for n, e in after["networks"].items() if n != "decoder"} == {
+        n: e for n, e in manifest["networks"].items() if n != "decoder"}  # the unchanged networks are kept
+    _ok(runner.invoke(main, args))
 
 
 def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runner, tmp_path):
@@ -189,6 +201,7 @@ def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runne
     _ok(runner.invoke(main, [*args, "--out", "first"]))
     manifest = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())
     before, graphs = manifest["fingerprint"], manifest["networks"]["decoder"]["files"]
+    prior = manifest["networks"]["prior"]
     w = folder / "decoder" / "diffusion_pytorch_model.safetensors"
     data = bytearray(w.read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"  # weights edited in place (same size)
@@ -199,11 +212,67 @@ def test_the_default_engines_of_a_model_edited_in_place_are_exported_again(runne
     manifest = json.loads((tmp_path / "engines" / "m-fp32" / "manifest.json").read_text())
     assert before != manifest["fingerprint"] == fingerprint("m")
     assert manifest["networks"]["decoder"]["files"] != graphs  # the decoder's graph holds the edited weights
+    assert manifest["networks"]["prior"] == prior  # a network whose weights and config didn't change is kept
     res = runner.invoke(main, [*args, "--backend", "torch", "--out", "t"])
     assert res.exit_code == 0, res.output
     a = np.asarray(Image.open(next((tmp_path / "o").glob("*.png"))), dtype=np.float64)
     b = np.asarray(Image.open(next((tmp_path / "t").glob("*.png"))), dtype=np.float64)
     assert np.abs(a - b).mean() < 1.0, np.abs(a - b).mean()  # 8-bit pixels: onnxruntime vs torch on the same weights
+
+
+def test_a_touched_large_model_keeps_its_engines_and_takes_the_new_fingerprint(tmp_path, monkeypatch):
+    """A folder over identity.FULL_HASH_BYTES is fingerprinted by file times: after a touch (a copy-over, a sync) the
+    export finds every network's weights and config unchanged, keeps their graphs, and records the new
+    fingerprint, so runs accept the engines again."""
+    from unclip.core import identity
+    from unclip.core.errors import ExportError
+    from unclip.engine.backend import check_export
+    from unclip.export.onnx_export import export_model
+    from unclip.models import load_model
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 0)  # the tiny folder read as a large one
+    folder = save_model(build_preset("tiny"), tmp_path / "m")
+    out = tmp_path / "e"
+    export_model(load_model(folder), out, source=str(folder))
+    before = json.loads((out / "manifest.json").read_text())
+    os.utime(folder / "decoder" / "config.json", ns=(10**18, 10**18))
+    with pytest.raises(ExportError, match="earlier version"):
+        check_export(before, out, str(folder), "fp32", "fix")
+    reports = export_model(load_model(folder), out, source=str(folder))
+    assert len(reports) == len(before["networks"]) and all(r.skipped for r in reports)
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["networks"] == before["networks"] and after["fingerprint"] != before["fingerprint"]
+    check_export(after, out, str(folder), "fp32", "fix")
+
+
+def test_a_config_edit_that_keeps_the_weights_exports_that_network_again(tmp_path):
+    """A network's export key holds its weights; its config is recorded beside it, so an edit that changes the graph
+    but no tensor (here sr1024's GroupNorm epsilon) exports that network again, and only it. An entry exported
+    before configs were recorded is kept while the folder is unchanged (and gains the record), not after an edit."""
+    from unclip.export.onnx_export import export_model
+    from unclip.models import load_model
+    folder = save_model(build_preset("tiny"), tmp_path / "m")
+    stages = ["text_proj", "sr1024"]  # two small networks: one edited, one kept
+    out = tmp_path / "e"
+    export_model(load_model(folder), out, stages, source=str(folder))
+    before = json.loads((out / "manifest.json").read_text())
+    cfg_path = folder / "sr1024" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["norm_eps"] = 0.5
+    cfg_path.write_text(json.dumps(cfg))
+    reports = {r.network: r.skipped for r in export_model(load_model(folder), out, stages, source=str(folder))}
+    assert reports == {n: n != "sr1024" for n in before["networks"]}, reports
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["networks"]["sr1024"]["files"] != before["networks"]["sr1024"]["files"]
+    assert after["networks"]["sr1024"]["config"] != before["networks"]["sr1024"]["config"]
+    # an entry of an older export (no config record): kept for the unchanged folder, which records it now ...
+    old = {**after, "networks": {n: {k: v for k, v in e.items() if k != "config"} for n, e in after["networks"].items()}}
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert all(r.skipped for r in export_model(load_model(folder), out, stages, source=str(folder)))
+    assert json.loads((out / "manifest.json").read_text())["networks"] == after["networks"]
+    # ... and exported again once the folder changed, as its config is unknown
+    (out / "manifest.json").write_text(json.dumps(old))
+    (folder / "prior" / "config.json").write_text((folder / "prior" / "config.json").read_text() + "\n")
+    assert not any(r.skipped for r in export_model(load_model(folder), out, stages, source=str(folder)))
 
 
 def test_engines_of_the_same_relative_name_elsewhere_are_refused(runner, tmp_path, monkeypatch):
