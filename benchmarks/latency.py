@@ -7,7 +7,8 @@ steps and guidance, side by side in one run.
     python benchmarks/latency.py --preset tiny --repeats 1 --out /tmp/b    # what CI runs
 
 --backend NAME[:PRECISION[:TORCH_MODE]] (repeatable) picks the runs, e.g. torch:bf16:compile; diffusers, the
-baseline, runs at --precision.
+baseline, runs at --precision. Every option is checked before any work; if a backend fails, the command exits 1
+(the others' figures are still written), and if every one fails, no results are written (earlier ones are kept).
 
 Each backend runs in its own worker process (its own thread pool and peak-memory reading). Warm-up runs are left
 out; figures are medians over --repeats; ratios are baseline / ours computed pair by pair in the same run.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -265,8 +267,13 @@ def _measure(cfg, gen, timer: Timer, load_s: float) -> dict:
         sync()
         batch_s = time.perf_counter() - t
     image_path = os.path.join(cfg["out"], f"image-{cfg.get('label', cfg['backend']).replace(' ', '-')}.npy")
+    import io
+
     import numpy as np
-    np.save(image_path, image.numpy())
+    from unclip.core.artifacts import atomic_write_bytes
+    buf = io.BytesIO()
+    np.save(buf, image.numpy())
+    atomic_write_bytes(Path(image_path), buf.getvalue())
     nets = {}
     for name in per_net[0]:
         secs = statistics.median(p[name][0] for p in per_net)
@@ -442,42 +449,264 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- options: every one checked before any work or write ---------------------------------------------------
+
+BASELINE = "diffusers"
+PRESETS = ("demo", "tiny", "small")  # built-in models this benchmark takes (karlo: 3.4 B random parameters)
+
+
+def fail(message: str, code: int):
+    """One line on stderr, no traceback: 2 for a usage error (as argparse), 1 for a model or backend that can't
+    load or run (as the project's commands)."""
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (a bad number, an unknown option): one line too
+        fail(f"{message} (see --help)", 2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" after a help text that names its default
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def backend_help() -> str:
+    from unclip.engine.backend import BACKENDS, PRECISIONS
+    from unclip.engine.request import TORCH_MODES
+    names = [BASELINE + " (the baseline; runs at --precision, no suffix)"] + [
+        f"{b} ({', '.join(PRECISIONS[b])})" for b in BACKENDS]
+    return ("repeatable: NAME[:PRECISION[:TORCH_MODE]], NAME one of " + ", ".join(names) + "; PRECISION defaults to "
+            "--precision; TORCH_MODE, torch only: " + ", ".join(TORCH_MODES) + " (cuda-graphs on --device cuda); "
+            "e.g. torch:bf16:static, openvino:bf16 [default: diffusers, torch, onnxruntime, and openvino on the CPU "
+            "or tensorrt on CUDA, those installed, at --precision]")
+
+
+def backend_runs(entries: list[str], precision: str, device: str) -> list[tuple[str, str, str, str]]:
+    """--backend entries -> (label, backend, precision, torch mode); exits 2 on a form this script doesn't take."""
+    from unclip.engine.backend import BACKENDS, PRECISIONS
+    from unclip.engine.request import TORCH_MODES
+    runs, seen = [], {}
+    for entry in entries:
+        parts = entry.split(":")
+        name = parts[0]
+        if len(parts) > 3 or not all(parts):
+            fail(f"--backend {entry!r} is not NAME[:PRECISION[:TORCH_MODE]] (e.g. torch:bf16:static)", 2)
+        if name not in (BASELINE,) + BACKENDS:
+            fail(f"--backend {entry}: unknown backend {name!r} (choose {', '.join((BASELINE,) + BACKENDS)})", 2)
+        if name == BASELINE:
+            if len(parts) > 1:
+                fail(f"--backend {entry}: diffusers, the baseline, takes no suffix; it runs at --precision "
+                     f"(e.g. --backend diffusers --precision {parts[1]})", 2)
+        elif len(parts) > 1 and parts[1] not in PRECISIONS[name]:
+            fail(f"--backend {entry}: {name} has no precision {parts[1]!r} (choose "
+                 f"{', '.join(f'{name}:{q}' for q in PRECISIONS[name])})", 2)
+        elif parts[1:2] == [] and precision not in PRECISIONS[name]:
+            fail(f"--backend {name} runs at --precision {precision}, which {name} doesn't have (choose "
+                 f"{', '.join(f'{name}:{q}' for q in PRECISIONS[name])})", 2)
+        if len(parts) > 2:
+            if name != "torch":
+                fail(f"--backend {entry}: only torch takes a mode (e.g. torch:bf16:static)", 2)
+            if parts[2] not in TORCH_MODES:
+                fail(f"--backend {entry}: unknown torch mode {parts[2]!r} (choose {', '.join(TORCH_MODES)})", 2)
+        run = _parse_run(entry, precision)
+        if run[3] == "cuda-graphs" and not device.startswith("cuda"):
+            fail(f"--backend {entry}: cuda-graphs needs --device cuda (static keeps the same buffers on the CPU)", 2)
+        if name == "openvino" and device != "cpu":
+            fail(f"--backend {entry}: openvino runs on the CPU; use --device cpu", 2)
+        if name == "tensorrt" and not device.startswith("cuda"):
+            fail(f"--backend {entry}: tensorrt runs on an NVIDIA GPU; add --device cuda", 2)
+        if run[1:] in seen:
+            fail(f"--backend {entry} is the same run as --backend {seen[run[1:]]}; give each once", 2)
+        seen[run[1:]] = entry
+        runs.append(run)
+    return runs
+
+
+def require_backends(runs: list[tuple], device: str) -> None:
+    """The packages (and CPU or GPU features) of the backends asked for by name; exits 1 naming what to install."""
+    from unclip.core.errors import UnclipError
+    try:
+        for _, backend, prec, _ in runs:
+            if backend == BASELINE:
+                if not importlib.util.find_spec("diffusers"):
+                    fail("--backend diffusers: diffusers is not installed: pip install diffusers transformers "
+                         "(or leave the baseline out)", 1)
+            elif backend == "onnxruntime":
+                from unclip.core.packages import require_onnxruntime
+                ort = require_onnxruntime()
+                if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+                    fail("--backend onnxruntime with --device cuda: this onnxruntime has no CUDA provider; "
+                         "pip install onnxruntime-gpu (instead of onnxruntime)", 1)
+            elif backend == "openvino":
+                from unclip.engine.backend_ov import require_openvino
+                require_openvino()
+                if prec == "bf16" and not _native_bf16():
+                    fail("--backend openvino:bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX), which this one "
+                         "lacks; use openvino:fp32", 1)
+            elif backend == "tensorrt":
+                from unclip.core.packages import require_tensorrt
+                require_tensorrt()
+    except UnclipError as e:
+        fail(str(e), 1)
+
+
+def default_runs(precision: str, device: str, notes: list[str]) -> list[tuple]:
+    """Every backend installed here that runs on `device` at `precision`; what is left out gets a note."""
+    from unclip.engine.backend import PRECISIONS
+    names = [BASELINE, "torch", "onnxruntime"] + (["openvino"] if device == "cpu" else []) + (
+        ["tensorrt"] if device.startswith("cuda") else [])
+    runs = []
+    for name in names:
+        package = {"diffusers": "diffusers", "onnxruntime": "onnxruntime", "openvino": "openvino",
+                   "tensorrt": "tensorrt"}.get(name)
+        if package and not importlib.util.find_spec(package):
+            if name == BASELINE:
+                notes.append("diffusers is not installed: the baseline was skipped "
+                             "(pip install diffusers transformers)")
+            elif name == "onnxruntime":
+                notes.append("onnxruntime is not installed: skipped (pip install onnxruntime)")
+            continue
+        if name != BASELINE and precision not in PRECISIONS[name]:
+            notes.append(f"{name} skipped: it has no {precision} ({', '.join(PRECISIONS[name])})")
+            continue
+        if name == "openvino" and precision == "bf16" and not _native_bf16():
+            notes.append("openvino skipped: its bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX)")
+            continue
+        if name == "onnxruntime" and device.startswith("cuda"):
+            import onnxruntime
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                notes.append("onnxruntime skipped: it has no CUDA provider here (pip install onnxruntime-gpu)")
+                continue
+        runs.append(_parse_run(name, precision))
+    return runs
+
+
+def _native_bf16() -> bool:
+    from unclip.engine.backend_torch import native_bf16
+    return native_bf16()
+
+
+def parse_steps(text: str | None) -> list[int]:
+    if text is None:
+        return [25, 25, 7, 15]
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        steps = []
+    if len(steps) != 4 or min(steps) < 1:
+        fail(f"--steps must be four whole numbers >= 1, prior,decoder,sr256,sr1024 (e.g. 25,25,7,15), got {text!r}", 2)
+    return steps
+
+
+def check_out(path: str) -> None:
+    """--out: a folder that exists or can be created; exits 2 if not."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            fail(f"--out {path}: exists and is not a folder; pass a folder", 2)
+        if not os.access(p, os.W_OK | os.X_OK):
+            fail(f"--out {path}: this user may not write in it; pass a folder of your own", 2)
+        return
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {path}: cannot be created ({parent} is not a writable folder); pass another folder", 2)
+
+
+def check_options(a) -> tuple[list[tuple], list[int], list[str]]:
+    """Every option before any work or write: the runs, the steps and the notes of the default backends left out;
+    exits 2 on a usage error, 1 on a backend that can't run here."""
+    from unclip.core.errors import BackendUnavailable, RequestError
+    from unclip.engine.backend import check_device
+    for flag, v in (("--rounds", a.rounds), ("--repeats", a.repeats), ("--batch", a.batch)):
+        if v < 1:
+            fail(f"{flag} must be >= 1, got {v}", 2)
+    steps = parse_steps(a.steps)
+    try:
+        check_device(a.device)
+    except (RequestError, BackendUnavailable) as e:
+        fail(str(e), 2)
+    notes: list[str] = []
+    runs = backend_runs(a.backend, a.precision, a.device) if a.backend else default_runs(a.precision, a.device, notes)
+    if not runs:
+        fail(f"no backend runs at --precision {a.precision} on --device {a.device} here ({'; '.join(notes)}); "
+             "name one with --backend", 2)
+    check_out(a.out)
+    if a.backend:
+        require_backends(runs, a.device)
+    return runs, steps, notes
+
+
+def load(a, out: Path):
+    """The model (exits 1 with the loader's one line if it can't load) and the folder the workers read."""
+    from unclip.core.errors import ModelLoadError
+    from unclip.core.identity import demo_folder
+    from unclip.models import build_preset, load_model
+    try:
+        model = load_model(a.model) if a.model else build_preset(a.preset)
+    except ModelLoadError as e:
+        hint = f"; for the built-in model use --preset {a.model}" if a.model in PRESETS and not Path(a.model).exists() \
+            else ""
+        fail(f"{e}{hint}", 1)
+    return model, a.model or (str(demo_folder()) if a.preset == "demo" else str(out / f"model-{a.preset}"))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="demo", help="built-in model: demo, tiny, small (ignored with --model)")
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="demo", choices=PRESETS, help="built-in model (ignored with --model)")
     p.add_argument("--model", default=None, help="a diffusers-layout model folder (e.g. Karlo)")
-    p.add_argument("--backend", action="append", default=None,
-                   help="repeatable: diffusers, torch, onnxruntime, tensorrt [default: all available]")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--backend", action="append", default=None, metavar="NAME[:PRECISION[:TORCH_MODE]]",
+                   help=backend_help())
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="the baseline's, and that of each --backend given without :PRECISION")
     p.add_argument("--batch", type=int, default=4, help="images per call for the throughput figure")
     p.add_argument("--steps", default=None, help="prior,decoder,sr256,sr1024 [default: 25,25,7,15]")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed images at batch 1, per backend and round")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every backend this many times, in turn (the figures are medians across rounds)")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for latency.md and latency.json (and the engines, images and preset models they use)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {a.rounds}")
     if a.worker:
         cfg = json.loads(a.worker_config)
         res = worker_diffusers(cfg) if a.worker == "diffusers" else worker_ours(cfg)
         print(json.dumps(res))
         return
-
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA GPU on this machine")
-    import importlib.util
-
-    from unclip.core.identity import demo_folder
-    from unclip.models import build_preset, load_model, save_model
+    runs, steps, notes = check_options(a)
+    from unclip.core.errors import UnclipError, one_line
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model, folder = load(a, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        report, failures = benchmark(a, runs, steps, notes, model, folder, out)
+    except (UnclipError, PermissionError) as e:  # an export that fails, a shared folder this user may not write
+        fail(f"{one_line(e)}; no results were written", 1)
+    if not report["results"]:  # keep the results of an earlier run rather than replace them with empty tables
+        fail(f"every backend failed, no results were written ({'; '.join(failures)})", 1)
+    md = markdown(report) + "".join(f"\nNote: {n}\n" for n in report["notes"])
+    from unclip.core.artifacts import atomic_write_bytes
+    try:
+        atomic_write_bytes(out / "latency.json", json.dumps(report, indent=1).encode())
+        atomic_write_bytes(out / "latency.md", md.encode())
+    except OSError as e:
+        fail(f"{e.filename or out}: cannot write the results ({e.strerror or e})", 1)
+    print(md)
+    if failures:  # the others' figures are written, but a benchmark that lost a backend it was asked for failed
+        fail(f"{len(failures)} of {len(runs)} backends failed and were left out of {out / 'latency.md'} "
+             f"({'; '.join(failures)})", 1)
+
+
+def benchmark(a, runs, steps, notes, model, folder, out) -> tuple[dict, list[str]]:
+    """Export, measure the machine's peak, run every backend's worker --rounds times: the report (nothing is
+    written here but the model folder, engines and images the workers read and save) and the failures."""
+    from unclip.models import save_model
     name = a.model or a.preset
-    model = load_model(a.model) if a.model else build_preset(a.preset)
-    folder = a.model or (str(demo_folder()) if a.preset == "demo" else str(out / f"model-{a.preset}"))
     if not Path(folder, "model_index.json").exists():
         save_model(model, folder, overwrite=True)
     from unclip.core.spec import spec_from_model
@@ -485,20 +714,7 @@ def main(argv=None):
     size = max(image_sizes(spec_from_model(model)))
     resolved = for_model(Settings(), spec_from_model(model))  # the model's guidance scales, on both sides
     guidance = [resolved.prior_guidance, resolved.decoder_guidance]
-    steps = [int(s) for s in a.steps.split(",")] if a.steps else [25, 25, 7, 15]
-    default = ["diffusers", "torch", "onnxruntime"] + (
-        ["openvino"] if importlib.util.find_spec("openvino") and a.device == "cpu" else []) + (
-        ["tensorrt"] if importlib.util.find_spec("tensorrt") and a.device.startswith("cuda") else [])
-    runs = [_parse_run(e, a.precision) for e in (a.backend or default)]  # (label, backend, precision, torch mode)
-    notes = []
-    if any(r[1] == "diffusers" for r in runs) and not importlib.util.find_spec("diffusers"):
-        runs = [r for r in runs if r[1] != "diffusers"]
-        notes.append("diffusers is not installed: the baseline was skipped (pip install diffusers transformers)")
-    from unclip.engine.backend import PRECISIONS, export_precision
-    for r in list(runs):
-        if r[1] != "diffusers" and r[2] not in PRECISIONS[r[1]]:
-            runs.remove(r)
-            notes.append(f"{r[0]} skipped: {r[1]} has no {r[2]} ({', '.join(PRECISIONS[r[1]])})")
+    from unclip.engine.backend import export_precision
     engines, export_s = {}, {}
     for prec in sorted({export_precision(r[1], r[2]) for r in runs if r[1] not in ("diffusers", "torch")}):
         from unclip.export.onnx_export import export_model
@@ -520,6 +736,7 @@ def main(argv=None):
            "sr1024_schedule": dataclasses.asdict(model_schedulers["sr1024"])}
     per_round: dict[str, list[dict]] = {}
     failed: set[str] = set()
+    failures: list[str] = []
     for k in range(a.rounds):
         for label, backend, prec, mode in runs:
             if label in failed:
@@ -533,6 +750,7 @@ def main(argv=None):
             except RuntimeError as e:  # e.g. onnxruntime without CUDA on --device cuda: report it, keep the rest
                 last = [line for line in str(e).splitlines() if line.strip()][-1]
                 notes.append(f"{label} failed and was left out: {last}")
+                failures.append(f"{label}: {last}")
                 failed.add(label)
                 per_round.pop(label, None)
     results, stages = {}, {}
@@ -562,10 +780,7 @@ def main(argv=None):
                                 "images_per_second": r["images_per_second"] / base["images_per_second"],
                                 "per_round": round_ratios(per_round["diffusers"], per_round[b])}
                             for b, r in results.items() if b != "diffusers"}
-    md = markdown(report) + "".join(f"\nNote: {n}\n" for n in notes)
-    (out / "latency.json").write_text(json.dumps(report, indent=1))
-    (out / "latency.md").write_text(md)
-    print(md)
+    return report, failures
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ class CLIPTokenizer:
                 dropped = len(tokens) - L
                 words = self._tok.decode(tokens[L - 1:-1]).replace("</w>", " ").split()
                 start = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
+                start = start if len(start) <= 80 else start[:77] + "..."  # one line, however long the word
                 log.warning("prompt %d is %d tokens long; the model reads %d, so the last %d were dropped "
                             "(%d words, starting %r)", i, len(tokens), L, dropped, len(words), start)
                 tokens = tokens[:L - 1] + [self.eos_id]

@@ -32,7 +32,9 @@ class DemoConfig:
     base: int = 32  # decoder resolution; the upsamplers give 4x and 16x
     clip_image: int = 64  # image encoder input side
     embed_dim: int = 64  # D: CLIP embedding = text width
-    text_len: int = 32  # tokens (the longest caption has 15)
+    # tokens: the longest caption has 15 words but 29 tokens with BOS and EOS (the synthetic BPE vocabulary spells
+    # some words in pieces: 'bottom' is bot|to|m); a shorter context cuts captions (tests/test_train.py checks)
+    text_len: int = 32
     text_layers: int = 4
     text_heads: int = 4
     image_width: int = 128
@@ -136,7 +138,7 @@ CONFIGS: dict[str, DemoConfig] = {
     "demo": DemoConfig(),
     # Every stage a few steps on tiny networks: the training smoke test.
     "smoke": DemoConfig(
-        base=32, clip_image=32, embed_dim=32, text_len=24, text_layers=1, text_heads=2, image_width=32,
+        base=32, clip_image=32, embed_dim=32, text_len=32, text_layers=1, text_heads=2, image_width=32,
         image_layers=1, image_heads=2, image_patch=8, prior_heads=2, prior_head_dim=16, prior_layers=1,
         decoder_channels=(16, 32), decoder_head_dim=16, decoder_groups=8, context_dim=32,
         sr256_channels=(8, 16), sr256_groups=4, sr256_crop=32, sr1024_channels=(4, 8), sr1024_groups=2,

@@ -28,6 +28,7 @@ from unclip.models.text_proj import TextProj
 STAGES = ("clip", "prior", "decoder", "sr256", "sr1024")
 FOLDERS = {"clip": ("text_encoder", "image_encoder"), "prior": ("prior",), "decoder": ("text_proj", "decoder"),
            "sr256": ("super_res_first", "super_res_last"), "sr1024": ("sr1024",)}
+NEEDS = {"prior": ("clip",), "decoder": ("clip",)}  # the stages whose folders a stage reads (frozen encoders)
 
 
 @dataclass

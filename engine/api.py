@@ -24,14 +24,15 @@ def run(req: Request, progress=None, notify=print, written: list | None = None) 
     dump = check_dump(req.dump, req.overwrite) if req.dump else None
     image = mp.load_image(req.variation) if req.variation is not None else None
     b = open_backend(req, notify)
-    req = replace(req, settings=mp.for_model(req.settings, b.spec))  # the guidance it runs with, in every PNG
-    for w in req.warnings() + req.unknown_words(b.spec):  # after the model's scales are known (--negative at 1)
+    asked, req = req.settings, replace(req, settings=mp.for_model(req.settings, b.spec))  # the guidance it runs with
+    for w in req.warnings(asked) + req.unknown_words(b.spec):  # after the model's scales are known (--negative at 1)
         log.warning(w)
-    written = [] if written is None else written
-    params = {"prompt": req.prompt or "", "seed": req.settings.seed, "model": model_name(req.model),
-              "backend": req.backend, "precision": req.precision,
+    written = [] if written is None else written  # a variation's record: no prompt, negative or prior (it uses none)
+    unused = ("seed", "size", "num_images") + ("negative", "prior_steps", "prior_guidance") * (req.mode == "variation")
+    params = {"prompt": "" if req.mode == "variation" else req.prompt or "", "seed": req.settings.seed,
+              "model": model_name(req.model), "backend": req.backend, "precision": req.precision,
               "size": req.settings.size or max(image_sizes(b.spec)),
-              **{k: v for k, v in asdict(req.settings).items() if k not in ("seed", "size", "num_images")}}
+              **{k: v for k, v in asdict(req.settings).items() if k not in unused}}
 
     def save(img, name, extra):
         written.append(save_png(img, out / name, {**params, **extra}, req.overwrite))

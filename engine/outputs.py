@@ -97,8 +97,14 @@ def check_writable(folder: str, flag: str) -> Path:
 
 def check_dump(folder: str, overwrite: bool) -> Path:
     out = check_writable(folder, "--dump")
-    if (out / "dump.json").exists() and not overwrite:
-        raise RequestError(f"--dump {folder} already holds a dump; choose another folder or pass --overwrite")
+    if (out / "dump.json").exists():
+        if not overwrite:
+            raise RequestError(f"--dump {folder} already holds a dump; choose another folder or pass --overwrite")
+        return out
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if others:  # a dump writes NAME.npy files of its own choosing: it never writes over a user's files
+        raise RequestError(f"--dump {folder} holds files that are not a dump ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}); choose an empty or new folder")
     return out
 
 

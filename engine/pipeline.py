@@ -64,13 +64,18 @@ class Settings:
             v = getattr(self, name)
             if (v is not None or name == "num_images") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise RequestError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v}")
-        for name in ("prior_guidance", "decoder_guidance", "eta"):
-            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
-                raise RequestError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        for name in ("prior_guidance", "decoder_guidance", "eta"):  # guidance >= 0, as generation_config.json's
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and (name == "eta" or v >= 0)):
+                raise RequestError(f"--{name.replace('_', '-')} must be a finite number"
+                                   f"{'' if name == 'eta' else ' >= 0'}, got {v}")
         if self.sampler not in samplers.CHOICES:
             raise RequestError(f"--sampler {self.sampler!r} is not one of {', '.join(samplers.CHOICES)}")
         if self.eta < 0:
             raise RequestError(f"--eta must be >= 0, got {self.eta}")
+        if self.num_images > MAX_SEED:  # else the seed's range below would be negative and blame --seed
+            raise RequestError(f"--num-images {self.num_images} is more than the 2^63 seeds there are (image i uses "
+                               "seed + i); a run is capped at --max-images (1000 unless raised)")
         if not 0 <= self.seed <= MAX_SEED - self.num_images + 1:
             raise RequestError(f"--seed must be in 0 ... 2^63 - 1 - (images - 1) = {MAX_SEED - self.num_images + 1} "
                                f"(image i uses seed + i), got {self.seed}")

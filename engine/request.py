@@ -16,6 +16,19 @@ MODES = ("generate", "variation", "interpolate", "text_diff")
 TORCH_MODES = ("eager", "static", "cuda-graphs", "compile")  # unclip.engine.backend_torch.MODES
 MAX_IMAGES = 1000  # per request, unless raised with --max-images: every image is held until its chunk is saved
 MAX_FRAMES = 200
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def looks_like_a_path(item: str) -> bool:
+    """An --interpolate end that a user meant as an image file (an image suffix, or a leading /, ./, ../ or ~): one
+    that isn't a file is a mistyped path, not a prompt."""
+    return item.strip().lower().endswith(IMAGE_SUFFIXES) or item.startswith(("/", "./", "../", "~"))
+
+
+def _quoted(words: list[str], most: int = 10) -> str:
+    """Words for a one-line message: each cut to 40 characters, at most `most` of them."""
+    shown = [w if len(w) <= 40 else w[:37] + "..." for w in words[:most]]
+    return ", ".join(shown) + (f" and {len(words) - most} more" if len(words) > most else "")
 
 
 def check_backend_choice(backend: str, precision: str, torch_mode: str) -> None:
@@ -75,12 +88,20 @@ class Request:
             raise RequestError(f"--prior-candidates must be at least 1, got {self.prior_candidates}")
         if not (math.isfinite(self.amount) and 0.0 <= self.amount <= 1.0):
             raise RequestError(f"--amount {self.amount} is outside [0, 1]; the paper uses 0.25 to 0.5")
+        if self.max_images < 1:
+            raise RequestError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.images > self.max_images:  # before the seed's range, which an absurd count would push below 0
+            raise RequestError(f"{self.images} images exceed the cap of {self.max_images} per run; raise it with "
+                               "--max-images N if you mean it")
         if not 0 <= self.settings.seed <= MAX_SEED - self.images + 1:
             raise RequestError(f"--seed must be in 0 ... {MAX_SEED - self.images + 1} (image i uses seed + i, up to "
                                f"2^63 - 1), got {self.settings.seed}")
-        if self.images > self.max_images:
-            raise RequestError(f"{self.images} images exceed the cap of {self.max_images} per run; raise it with "
-                               "--max-images N if you mean it")
+        if self.dump is not None and not self.dump.strip():
+            raise RequestError("--dump needs a folder name (it got an empty one); pass --dump DIR")
+        for end in self.interpolate or ():
+            if looks_like_a_path(end) and not Path(end).expanduser().is_file():
+                raise RequestError(f"--interpolate {end!r} looks like an image path but is no file; check the path "
+                                   "(a prompt as an end is plain words)")
         if self.prompts is not None and (self.prompt is not None or self.variation or self.interpolate):
             raise RequestError("--prompts FILE replaces PROMPT, --variation and --interpolate; give one of them")
         if self.prompts is not None and not self.prompts:
@@ -109,17 +130,31 @@ class Request:
             if self.frames > MAX_FRAMES:
                 raise RequestError(f"--frames {self.frames} is over the cap of {MAX_FRAMES}")
 
-    def warnings(self) -> list[str]:
-        """Options this request sets that its mode or settings don't use."""
+    def warnings(self, asked: Settings | None = None) -> list[str]:
+        """Options this request sets that its mode or settings don't use; `asked`: the settings as given, before the
+        model's own scales and step counts filled those left unset (default: this request's)."""
         s, d, out = self.settings, Settings(), []
+        asked = asked or s
         if s.negative != d.negative and s.prior_guidance == 1.0 and s.decoder_guidance == 1.0:
             out.append("--negative is not used: with both guidance scales at 1 there is no unconditional half")
         if s.eta != d.eta and not samplers.get(s.sampler).uses_eta:
             out.append(f"--eta is not used by the {s.sampler} sampler (its noise is fixed by the schedule)")
         if self.mode == "interpolate" and self.prompt is not None:
             out.append("PROMPT is not used with --interpolate A B (the frames go from A to B)")
-        if self.mode == "variation" and self.prior_candidates != 1:
-            out.append("--prior-candidates is not used by variations (they have no prior)")
+        if self.mode == "variation":  # the image's own embedding, decoded with an empty caption: no prior, no text
+            unused = [flag for flag, used in (
+                ("PROMPT", self.prompt is not None), ("--negative", s.negative != d.negative),
+                ("--prior-steps", asked.prior_steps is not None),
+                ("--prior-guidance", asked.prior_guidance is not None),
+                ("--prior-candidates", self.prior_candidates != 1)) if used]
+            if unused:
+                out.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by --variation (its "
+                           "image embedding is decoded with an empty caption: no prior, no text)")
+        if self.invert and s.eta == 0:
+            out.append("--invert with --eta 0 decodes the inversion deterministically back to IMAGE itself; pass "
+                       "--eta > 0 (e.g. 1) for variations")
+        if self.prompts is not None and s.num_images != 1:
+            out.append("--num-images is not used with --prompts FILE (one image per line)")
         if self.mode != "text_diff" and self.amount != Request.amount:
             out.append("--amount is not used without --text-diff")
         if self.mode in ("interpolate", "text_diff"):
@@ -137,7 +172,7 @@ class Request:
         """A warning per text with words the model's tokenizer has never seen as words."""
         texts = self.texts + [self.settings.negative, *(self.text_diff or ()),
                               *(x for x in self.interpolate or () if not Path(x).is_file())]
-        return [f"model {spec.name!r} has never seen these words: {', '.join(u)} (they still run, spelled out in "
+        return [f"model {spec.name!r} has never seen these words: {_quoted(u)} (they still run, spelled out in "
                 "pieces)" for t in texts if (u := spec.tokenizer.unknown_words(t))]
 
     def replace(self, **changes) -> Request:
@@ -147,7 +182,7 @@ class Request:
 def read_prompts(path: str) -> tuple[str, ...]:
     """--prompts FILE: one prompt per line (UTF-8), blank lines skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first prompt
             return tuple(line.strip() for line in f if line.strip())
     except (OSError, UnicodeDecodeError) as e:
         raise RequestError(f"--prompts {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', '') or e}); "

@@ -15,12 +15,15 @@ from unclip.core.stages import STAGES
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32")
 @click.option("--max-batch", type=int, default=4, help="images per call (guided stages take twice this)")
 @click.option("--trt", is_flag=True, help="also build TensorRT engines (needs tensorrt and an NVIDIA GPU)")
-@click.option("--force", is_flag=True, help="rebuild even when the inputs are unchanged")
+@click.option("--force", is_flag=True, help="rebuild even when the inputs are unchanged; export into a folder "
+              "that holds other files (same names are replaced)")
 def main(model, out, stages, precision, max_batch, trt, force):
     """Export MODEL's stages to ONNX in OUT, check each against torch, and write OUT/manifest.json."""
     warnings_to_stderr()
     from unclip.export.onnx_export import export_model
     from unclip.models import resolve_model
+    if not out.strip():
+        raise click.ClickException("--out needs a folder name (it got an empty one); pass --out DIR")
     if max_batch < 1:
         raise click.ClickException(f"--max-batch must be at least 1, got {max_batch}")
     try:

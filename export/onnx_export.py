@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from unclip.core.artifacts import (
     FORMAT,
+    MANIFEST,
     ExportError,
     export_lock,
     file_record,
@@ -246,8 +247,8 @@ def export_model(model, out_dir: str | os.PathLike, stages: list[str] | None = N
     try:
         return _export(nets, spec, cs, wanted, out, _Options(precision, max_batch, force, source, fix), progress)
     except OSError as e:  # a read-only folder, a full disk: nothing half-written is trusted (see above)
-        raise ExportError(f"{out}: cannot write the export ({e.strerror or e}); free some space or choose a writable "
-                          "--out, then run the export again") from None
+        raise ExportError(f"{out}: cannot write the export ({e.strerror or e}); choose a writable folder for the "
+                          "engines (or free some space on a full disk), then run the export again") from None
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,11 @@ def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: s
     try:
         manifest = read_manifest(out, fix)
     except ExportError:
+        foreign = _foreign_files(out)
+        if foreign and not force:
+            raise ExportError(f"{out} holds files that are not engines of this tool ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder for the "
+                              f"engines, or export into this one anyway (same names are replaced): {fix} --force")
         return {"format": FORMAT, "networks": {}}
     same = _sizes(manifest.get("spec")) == _sizes(spec.to_json()) and manifest.get("source_path") == (
         source_path(source) if source else None)
@@ -365,6 +371,18 @@ def _start_manifest(out: Path, source: str, spec: ModelSpec, force: bool, fix: s
         raise ExportError(f"{out} holds engines of {manifest.get('source') or 'another model'!r}; choose another "
                           f"--out, or replace them: {fix} --force")
     return {"format": FORMAT, "networks": {}}
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """What a folder without a manifest of this tool holds (hidden names aside: the lock, temporaries): an export
+    writes its manifest before it places any file, so anything here is a user's. A manifest.json that isn't JSON
+    with a "format" is a user's too; one of another format makes the folder an older export of this tool."""
+    path = out / MANIFEST
+    try:
+        ours = isinstance(json.loads(path.read_text()).get("format"), int)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    return [] if ours else sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -52,6 +52,18 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def _check_gpus(stages: dict) -> None:
+    """On this machine (no --address), Ray never places a replica that asks for more GPUs than there are: the service
+    would wait for it forever. Refused here instead, naming the numbers."""
+    import torch
+    have = torch.cuda.device_count()
+    need = sum(o.replicas * o.num_gpus for o in stages.values())
+    if need > have + 1e-9:
+        raise UnclipError(f"the stages' replicas ask for {need:g} GPUs in all and this machine has {have}; lower "
+                          "--num-gpus (fractions share one GPU, e.g. all=0.25) or --replicas, or serve on a Ray "
+                          "cluster with --address")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", default=C.model, help="model folder, or built in: demo (trained), tiny, small (random)")
 @click.option("--backend", type=click.Choice(BACKENDS), default=C.backend)
@@ -93,6 +105,8 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
             if cfg.device.startswith("cuda") and cfg.stages[s].num_gpus == 0:
                 raise UnclipError(f"--device {cfg.device} needs a GPU for every stage's replicas, and stage {s} "
                                   f"asks for none: give it --num-gpus {s}=1 (or a fraction, e.g. all=0.25)")
+        if address is None:  # this machine's GPUs (a cluster's are Ray's to count)
+            _check_gpus({s: cfg.stages[s] for s in model_stages(cfg.model)})
         _check_port(host, port, "--port")
         if address is None:
             _check_port("127.0.0.1", metrics_port, "--metrics-port")

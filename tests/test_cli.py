@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,12 @@ def test_empty_prompt_and_torch_backend(runner):
     (["--model", "/nonexistent/model"], "no such model folder"),
     (["--out", "/proc/forbidden"], "cannot write there"),
     (["--eta", "-1"], "--eta must be >= 0"),
+    (["--prior-guidance", "-1"], "--prior-guidance must be a finite number >= 0, got -1.0"),  # as generation_config
+    (["--decoder-guidance", "-0.5"], "--decoder-guidance must be a finite number >= 0, got -0.5"),
+    (["--num-images", str(10**12)], f"{10**12} images exceed the cap of 1000 per run"),  # not the seed's range
+    (["--num-images", str(10**19)], f"--num-images {10**19} is more than the 2^63 seeds there are"),
+    (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+    (["--dump", ""], "--dump needs a folder name"),
 ])
 def test_bad_input_one_line(runner, args, message):
     res = runner.invoke(main, ["cat", *FAST, *args])
@@ -128,3 +135,53 @@ def test_demo_runs_at_its_own_decoder_guidance(runner):
     # its step counts too (upsamplers 5 / 5), where the command left them out; given ones win
     assert [json.loads(img.text[k]) for k in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps")] == \
         [2, 2, 5, 5]
+
+
+def test_a_dump_never_writes_over_a_users_files(runner, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "tokens.npy").write_text("mine")
+    res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--dump", "d"])
+    assert res.exit_code == 1 and "--dump d holds files that are not a dump (tokens.npy)" in res.output, res.output
+    assert (tmp_path / "d" / "tokens.npy").read_text() == "mine" and not list((tmp_path / "out").glob("*.png"))
+
+
+def test_prompts_file_with_a_byte_order_mark_reads_the_same_prompts(runner, tmp_path):
+    from unclip.engine.request import read_prompts
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\nblue square\n".encode("utf-8"))
+    assert read_prompts(str(tmp_path / "bom.txt")) == ("a red circle", "blue square")
+
+
+def test_options_a_variation_does_not_use_are_named_and_not_recorded(runner, tmp_path):
+    picture = tmp_path / "p.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(picture)
+    res = runner.invoke(main, ["a red circle", *FAST, "--backend", "torch", "--variation", str(picture),
+                               "--negative", "blue", "--prior-steps", "3", "--out", "v"])
+    assert res.exit_code == 0, res.output
+    assert ("PROMPT, --negative, --prior-steps are not used by --variation" in res.output
+            and "--prior-guidance" not in res.output), res.output
+    text = Image.open(next((tmp_path / "v").glob("*.png"))).text
+    assert text["prompt"] == "" and not {"negative", "prior_steps", "prior_guidance"} & set(text), text
+    res = runner.invoke(main, [*FAST, "--backend", "torch", "--variation", str(picture), "--invert", "--out", "w"])
+    assert res.exit_code == 0 and "--invert with --eta 0 decodes the inversion deterministically" in res.output
+
+
+def test_num_images_with_a_prompts_file_is_named_unused(runner, tmp_path):
+    (tmp_path / "p.txt").write_text("cat\n")
+    res = runner.invoke(main, [*FAST, "--backend", "torch", "--prompts", "p.txt", "--num-images", "3"])
+    assert res.exit_code == 0 and "--num-images is not used with --prompts FILE" in res.output, res.output
+    assert len(res.stdout.split()) == 1
+
+
+@pytest.mark.parametrize("end", ["phot.png", "./missing/photo.jpg", "~/nowhere/x.webp", "/no/such/dir/"])
+def test_an_interpolate_end_that_looks_like_a_path_must_exist(runner, end):
+    res = runner.invoke(main, [*FAST, "--backend", "torch", "--interpolate", "a cat", end, "--frames", "2"])
+    assert res.exit_code == 1 and f"--interpolate {end!r} looks like an image path but is no file" in res.output, \
+        res.output
+    assert "Traceback" not in res.output and not (Path("out").exists() and any(Path("out").iterdir()))
+
+
+def test_warnings_quote_a_huge_word_briefly(runner, tmp_path):
+    word = "x" * 200_000
+    res = runner.invoke(main, [word, *FAST, "--backend", "torch"])
+    assert res.exit_code == 0, res.output[-500:]
+    assert max(len(line) for line in res.output.splitlines()) < 400, [len(x) for x in res.output.splitlines()]

@@ -265,7 +265,8 @@ def test_a_config_edit_that_keeps_the_weights_exports_that_network_again(tmp_pat
     assert after["networks"]["sr1024"]["files"] != before["networks"]["sr1024"]["files"]
     assert after["networks"]["sr1024"]["config"] != before["networks"]["sr1024"]["config"]
     # an entry of an older export (no config record): kept for the unchanged folder, which records it now ...
-    old = {**after, "networks": {n: {k: v for k, v in e.items() if k != "config"} for n, e in after["networks"].items()}}
+    old = {**after, "networks": {n: {k: v for k, v in e.items() if k != "config"}
+                                 for n, e in after["networks"].items()}}
     (out / "manifest.json").write_text(json.dumps(old))
     assert all(r.skipped for r in export_model(load_model(folder), out, stages, source=str(folder)))
     assert json.loads((out / "manifest.json").read_text())["networks"] == after["networks"]
@@ -593,3 +594,22 @@ def test_a_run_waiting_on_another_export_loads_the_model_once(tmp_path, monkeypa
     backend.ensure_export(req, out, told.append)
     assert len(sleeps) == 3 and loads == ["tiny"] and tries == [out]
     assert len(told) == 2 and "another export is writing" in told[0] and "exporting tiny (fp32) first" in told[1], told
+
+
+def test_an_export_never_writes_over_a_users_files(runner, tmp_path):
+    """A folder without this tool's manifest that holds files is a user's: unclip-export and unclip-run's
+    auto-export refuse it (the files untouched) unless --force says to export into it anyway."""
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "manifest.json").write_text('{"mine": true}')
+    (tmp_path / "e" / "text_encoder.onnx").write_text("keep")
+    res = runner.invoke(export_main, ["--model", "tiny", "--out", "e", "--stage", "text_encoder"])
+    _one_line_error(res, "e holds files that are not engines of this tool (manifest.json, text_encoder.onnx)")
+    assert (tmp_path / "e" / "text_encoder.onnx").read_text() == "keep"
+    assert (tmp_path / "e" / "manifest.json").read_text() == '{"mine": true}'
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "decoder.onnx").write_text("keep")
+    _one_line_error(runner.invoke(main, ["cat", *FAST, "--engines", "r"]), "r holds files that are not engines")
+    assert (tmp_path / "r" / "decoder.onnx").read_text() == "keep"
+    _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", ""]), "--out needs a folder name")
+    _ok(runner.invoke(export_main, ["--model", "tiny", "--out", "e", "--stage", "text_encoder", "--force"]))
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["networks"].keys() == {"text_encoder"}

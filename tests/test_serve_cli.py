@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--timeout-s", "0"], "--timeout-s must be a finite number of seconds > 0"),
     (["--device", "cuda"], "--device cuda needs a GPU for every stage's replicas, and stage prior asks for none"),
     (["--model", "/no/such/model"], "/no/such/model"),
+    # more GPUs than the machine has: Ray would wait for them forever
+    (["--num-gpus", "all=64"], "the stages' replicas ask for 256 GPUs in all and this machine has"),
 ])
 def test_bad_options_are_one_line_before_ray_starts(args, words, tmp_path):
     r = CliRunner().invoke(main, ["--model", "tiny", "--engines", str(tmp_path / "e"), *args])

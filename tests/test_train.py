@@ -3,6 +3,9 @@ in diffusers, and training is deterministic for a seed, also when stopped and re
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -17,9 +20,46 @@ def _quiet(*_):
     pass
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    return tr.train(tmp_path_factory.mktemp("t") / "m", "smoke", seed=0, echo=_quiet)
+def smoke_run(tmp_path_factory):
+    """The smoke training of every stage, and the warnings it logged."""
+    log, records = logging.getLogger("unclip"), _Records()
+    log.addHandler(records)
+    try:
+        return tr.train(tmp_path_factory.mktemp("t") / "m", "smoke", seed=0, echo=_quiet), records.messages
+    finally:
+        log.removeHandler(records)
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_run):
+    return smoke_run[0]
+
+
+def test_the_text_context_holds_every_caption_of_the_world(smoke_run):
+    """Each config's tokenizer reads the world's longest captions whole (the synthetic BPE spells some words in
+    pieces: 29 tokens for 15 words), so training never cuts, nor warns about, its own captions."""
+    from unclip.demo import world
+    from unclip.demo.config import CONFIGS
+    captions = {world.caption(world.Scene(bg, c, shape, size, pos, 0.3, 0.5, 0.5), full=True)
+                for c in world.COLOURS for bg in world.COLOURS if bg != c for shape in world.SHAPES
+                for size in world.SIZES for pos in world.POSITIONS if size == "small" or pos == "center"}
+    for name, cfg in CONFIGS.items():
+        tok = cfg.tokenizer()
+        longest = max(len(tok._tok.encode(c).ids) for c in captions)
+        assert longest <= cfg.text_len, (name, longest, cfg.text_len)
+        ids, mask = tok(max(captions, key=lambda c: len(tok._tok.encode(c).ids)))
+        assert ids[0, int(mask.sum()) - 1] == tok.eos_id
+    assert not [m for m in smoke_run[1] if "tokens long" in m], smoke_run[1][:3]
 
 
 def test_every_stage_learns_and_the_folder_loads(smoke):
@@ -58,24 +98,65 @@ def _weights(folder):
     return out
 
 
+def _stop_in_loss(monkeypatch, stage: str, call: int):
+    """Ctrl-C inside `stage`'s training step number `call` (1-based), after its batch was drawn (the data generators
+    moved on) and before the optimiser step: the checkpoint must hold the step before."""
+    real_build, calls = st.build, []
+
+    def build(name, ctx):
+        s = real_build(name, ctx)
+        if name == stage:
+            real_loss = s.loss
+
+            def loss():
+                out = real_loss()
+                if torch.is_grad_enabled():  # a training step, not the held-out loss
+                    calls.append(1)
+                    if len(calls) == call:
+                        raise KeyboardInterrupt
+                return out
+            s.loss = loss
+        return s
+
+    monkeypatch.setattr(st, "build", build)
+
+
 def test_deterministic_and_resumable(tmp_path, monkeypatch):
+    """Two runs give the same weights, and so does a run stopped by Ctrl-C twice and continued with the same command
+    each time: once by a real SIGINT arriving during clip's 11th optimiser step (held back until the step is done),
+    once inside the prior's 18th step (before its updates: rolled back). No periodic checkpoint is due in either (5
+    minutes): Ctrl-C itself checkpoints."""
     only = ("clip", "prior")
     a = tr.train(tmp_path / "a", "smoke", seed=1, only=only, echo=_quiet)
     b = tr.train(tmp_path / "b", "smoke", seed=1, only=only, echo=_quiet)
-    real_update = tr.Progress.update
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    steps: list[int] = []
 
-    def stop_once(self, step, loss):  # Ctrl-C in the middle of the prior, after step 17 was checkpointed
-        if self.stage == "prior" and step == 17 and not stopped:
-            stopped.append(step)
-            raise KeyboardInterrupt
-        real_update(self, step, loss)
+    def sigint_on_the_11th_step(*_):
+        steps.append(1)
+        if len(steps) == 11:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    stopped: list[int] = []
-    monkeypatch.setattr(tr.Progress, "update", stop_once)
-    with pytest.raises(KeyboardInterrupt):
-        tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet, checkpoints=tr.Checkpoints(seconds=0))
+    hook = register_optimizer_step_post_hook(sigint_on_the_11th_step)
+    try:
+        with pytest.raises(tr.Interrupted) as stop:
+            tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet)
+    finally:
+        hook.remove()
+    assert (stop.value.stage, stop.value.step, stop.value.ckpt) == ("clip", 11, tmp_path / "c.ckpt" / "clip.pt")
+    assert torch.load(stop.value.ckpt, weights_only=False)["step"] == 11
+    lines: list[str] = []
+    _stop_in_loss(monkeypatch, "prior", 18)
+    with pytest.raises(tr.Interrupted) as stop:
+        tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=lambda m, nl=True: lines.append(m))
+    assert any("resuming at step 11" in line and line.startswith("clip") for line in lines), lines
+    assert (stop.value.stage, stop.value.step) == ("prior", 17) and stop.value.ckpt.is_file()
     assert (tmp_path / "c" / "text_encoder").is_dir() and not (tmp_path / "c" / "prior").exists()
-    c = tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet)  # the same command continues
+    monkeypatch.undo()
+    lines.clear()
+    c = tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=lambda m, nl=True: lines.append(m))
+    assert any("resuming at step 17" in line and line.startswith("prior") for line in lines), lines
+    assert not list((tmp_path / "c.ckpt").iterdir())  # each finished stage's checkpoint is removed
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert wa.keys() == wb.keys() == wc.keys() and any(k.startswith("prior/") for k in wa)
     for k in wa:
