@@ -62,6 +62,8 @@ def read_manifest(out_dir: Path, fix: str) -> dict:
         m = json.loads(path.read_text())
     except ValueError:
         raise ExportError(f"{path}: unreadable manifest; run: {fix}") from None
+    if not isinstance(m, dict):
+        raise ExportError(f"{path}: not a manifest of this tool (a JSON {type(m).__name__}); run: {fix}")
     if m.get("format") != FORMAT:
         raise ExportError(f"{path}: export format {m.get('format')} is not {FORMAT}; run: {fix}")
     return m

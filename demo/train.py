@@ -193,7 +193,8 @@ def train_stage(stage: st.Stage, ctx: st.Context, ckpt: Path, echo=None, checkpo
         stage.save(ema)
     except KeyboardInterrupt:
         if loop.step > loop.saved:  # the state as of the last finished step (a step is rolled back or done whole)
-            _save_checkpoint(ckpt, _checkpoint(stage, ema, opt, loop))
+            with _held_interrupt():  # a second Ctrl-C waits for this save
+                _save_checkpoint(ckpt, _checkpoint(stage, ema, opt, loop))
         raise Interrupted(stage.name, loop.step, sch.steps, ckpt if ckpt.is_file() else None) from None
     return {"steps": sch.steps, "batch": sch.batch, "seconds": round(seconds, 1), "loss_before": loop.before,
             "loss_after": after, "eval": figures, "precision": _spans(loop.spans)}
@@ -350,6 +351,9 @@ def _make_folders(folders: list[tuple[Path, str]]) -> list[Path]:
     for folder, flag in folders:
         if folder.is_dir():
             continue
+        top = folder  # the highest folder this makes (mkdir makes missing parents too): what an undo removes
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -357,7 +361,7 @@ def _make_folders(folders: list[tuple[Path, str]]) -> list[Path]:
                 shutil.rmtree(m, ignore_errors=True)
             raise click.ClickException(f"{flag} {folder}: the folder can't be created ({e.strerror or e}); choose "
                                        "another") from None
-        made.append(folder)
+        made.append(top)
     return made
 
 
@@ -366,8 +370,8 @@ def _undo_start(out: Path, ckpt_dir: Path, made: list[Path]) -> None:
     an --out that was empty, its files (a later run with another --config or --seed would be refused by them)."""
     for folder in made:
         shutil.rmtree(folder, ignore_errors=True)
-    if out not in made and out.is_dir():
-        for p in out.iterdir():
+    if out.is_dir():  # training.json last: a run stopped during this undo still reads as its own start
+        for p in sorted(out.iterdir(), key=lambda p: p.name == STATE):
             if p.is_dir() and not p.name.startswith("."):
                 shutil.rmtree(p, ignore_errors=True)
             elif not p.name.startswith("."):
@@ -410,11 +414,14 @@ def train(out: str | Path, config: str = "demo", seed: int = 0, device: str = "c
     from unclip.models.io import load_model, write_pipeline_files
     if config not in CONFIGS:
         raise click.ClickException(f"--config {config}: choose {' or '.join(CONFIGS)}")
+    if not str(out).strip():
+        raise click.ClickException("--out needs a folder name (it got an empty one); pass --out DIR")
     cfg, out, echo = CONFIGS[config], Path(out), echo or _stderr
     _check_seed(seed)
     dev = _check_device(device)
     amp = training_precision(precision, dev)
-    ckpt_dir = Path(checkpoints.folder) if checkpoints.folder else out.with_name(out.name + ".ckpt")
+    named = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # --out . names the folder too
+    ckpt_dir = Path(checkpoints.folder) if checkpoints.folder else named.with_name(named.name + ".ckpt")
     state = _read_state(out, config, cfg, seed)
     fresh = not (out / STATE).is_file()
     _check_checkpoints(ckpt_dir, checkpoints.folder is not None, fresh)
@@ -460,6 +467,8 @@ def _interrupted(e: KeyboardInterrupt, out: str) -> str:
     if isinstance(e, Interrupted):
         return (f"interrupted before {e.stage}'s first step finished, so there was nothing of it to keep; run the "
                 "same command to start it again")
+    if not (Path(out) / STATE).is_file():
+        return "interrupted before training started; nothing was kept: run the same command to start"
     return f"interrupted; the finished stages are kept in {out}: run the same command to continue"
 
 

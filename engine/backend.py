@@ -145,8 +145,10 @@ def check_export(manifest: dict, out: Path, model: str, precision: str, fix: str
     from unclip.core.identity import same_model, source_path
     if not same_model(manifest.get("fingerprint"), model):
         if manifest.get("source_path") == source_path(model):  # the export keeps the networks that didn't change
+            batch = (manifest.get("options") or {}).get("max_batch")  # at their batch (another batch: all again)
             raise ExportError(f"{out} holds engines of an earlier version of --model {model} (its files changed "
-                              f"since); export the changed networks again: {fix}")
+                              f"since); export the changed networks again: {fix}"
+                              + (f" --max-batch {batch}" if isinstance(batch, int) and batch != 4 else ""))
         what = repr(manifest.get("source_path") or manifest.get("source") or "?")
         raise ExportError(f"{out} holds engines of {what}, not of --model {model}; pass --engines DIR for another "
                           f"folder, or re-export here: {fix} --force")

@@ -116,6 +116,9 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
 def save_dump(folder: Path, intermediates: dict[str, torch.Tensor], meta: dict) -> None:
     """Each intermediate as NAME.npy (float32) and dump.json (check_dump refused a folder holding another dump)."""
     folder.mkdir(parents=True, exist_ok=True)
+    # dump.json first (marked unfinished), so that a dump stopped part-way is still known as one (--overwrite redoes it)
+    write_file(folder / "dump.json", lambda tmp: Path(tmp).write_text(json.dumps({**meta, "unfinished": True})),
+               overwrite=True)
     for name, t in intermediates.items():
         arr = t.detach().cpu().numpy()
         if arr.dtype.kind == "f":

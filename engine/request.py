@@ -20,9 +20,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def looks_like_a_path(item: str) -> bool:
-    """An --interpolate end that a user meant as an image file (an image suffix, or a leading /, ./, ../ or ~): one
-    that isn't a file is a mistyped path, not a prompt."""
-    return item.strip().lower().endswith(IMAGE_SUFFIXES) or item.startswith(("/", "./", "../", "~"))
+    """An --interpolate end that a user meant as an image file (an image suffix; a leading ./, ../ or ~/; a leading /
+    with no space, unlike the prompt "/imagine a cat"): one that isn't a file is a mistyped path, not a prompt."""
+    return (item.strip().lower().endswith(IMAGE_SUFFIXES) or item.startswith(("./", "../", "~/"))
+            or (item.startswith("/") and not any(ch.isspace() for ch in item)))
 
 
 def _quoted(words: list[str], most: int = 10) -> str:
@@ -99,7 +100,7 @@ class Request:
         if self.dump is not None and not self.dump.strip():
             raise RequestError("--dump needs a folder name (it got an empty one); pass --dump DIR")
         for end in self.interpolate or ():
-            if looks_like_a_path(end) and not Path(end).expanduser().is_file():
+            if looks_like_a_path(end) and not Path(end).is_file():  # as the loader reads it: no ~ expansion
                 raise RequestError(f"--interpolate {end!r} looks like an image path but is no file; check the path "
                                    "(a prompt as an end is plain words)")
         if self.prompts is not None and (self.prompt is not None or self.variation or self.interpolate):

@@ -271,17 +271,20 @@ def _export(nets, spec: ModelSpec, cs: dict, wanted: list[str], out: Path, o: _O
         ver = versions()
         manifest.update(format=FORMAT, spec=spec.to_json(), source=source, options=options, versions=ver,
                         fingerprint=_fingerprint(source), source_path=source_path(source) if source else None)
+        # every entry's key and config checked against today's networks before anything is written (the manifest
+        # takes today's fingerprint and options): one of a network not exported now must not pass for current
+        current = {n: (sha256_json({"weights": weights_hash(nets[n]), "contract": repr(cs[n]), "options": options,
+                                    "versions": ver, "graph_form": GRAPH_FORM}), config_key(nets[n]))
+                   for n in cs if n in wanted or n in manifest["networks"]}
+        # an entry without a config record (exported before it was kept) is here only when the folder is unchanged
+        # since (_start_manifest): its config is today's
+        manifest["networks"] = {n: {**e, "config": current[n][1]} for n, e in manifest["networks"].items()
+                                if n in current and e.get("key") == current[n][0]
+                                and e.get("config", current[n][1]) == current[n][1]}
         for name in wanted:
-            c = cs[name]
-            key = sha256_json({"weights": weights_hash(nets[name]), "contract": repr(c), "options": options,
-                               "versions": ver, "graph_form": GRAPH_FORM})
-            ck = config_key(nets[name])
+            c, (key, ck) = cs[name], current[name]
             entry = manifest["networks"].get(name)
-            # an entry without a config record (exported before it was kept) is here only when the folder is
-            # unchanged since (_start_manifest): its config is today's
-            if (not force and entry and entry.get("key") == key and entry.get("config", ck) == ck
-                    and _intact(out, entry, name)):
-                entry["config"] = ck
+            if not force and entry and _intact(out, entry, name):
                 reports.append(NetworkReport(name, True, sum(r["size"] for r in entry["files"].values()), 0.0,
                                              entry["max_abs"], entry["rel_l2"]))
             else:

@@ -143,6 +143,10 @@ def test_a_dump_never_writes_over_a_users_files(runner, tmp_path):
     res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--dump", "d"])
     assert res.exit_code == 1 and "--dump d holds files that are not a dump (tokens.npy)" in res.output, res.output
     assert (tmp_path / "d" / "tokens.npy").read_text() == "mine" and not list((tmp_path / "out").glob("*.png"))
+    (tmp_path / "d" / "dump.json").write_text('{"unfinished": true}')  # a dump stopped part-way: one of ours
+    res = runner.invoke(main, ["cat", *FAST, "--backend", "torch", "--dump", "d"])
+    assert res.exit_code == 1 and "--dump d already holds a dump; choose another folder or pass --overwrite" in \
+        res.output, res.output
 
 
 def test_prompts_file_with_a_byte_order_mark_reads_the_same_prompts(runner, tmp_path):
@@ -178,6 +182,12 @@ def test_an_interpolate_end_that_looks_like_a_path_must_exist(runner, end):
     assert res.exit_code == 1 and f"--interpolate {end!r} looks like an image path but is no file" in res.output, \
         res.output
     assert "Traceback" not in res.output and not (Path("out").exists() and any(Path("out").iterdir()))
+
+
+def test_prompts_are_not_taken_for_paths():
+    from unclip.engine.request import looks_like_a_path
+    assert not any(map(looks_like_a_path, ["/imagine a cat", "~dreamy forest~", "a red/blue circle", "a cat"]))
+    assert all(map(looks_like_a_path, ["photo.PNG", "./a", "../b c", "~/x", "/tmp/x"]))
 
 
 def test_warnings_quote_a_huge_word_briefly(runner, tmp_path):

@@ -264,6 +264,13 @@ def test_a_config_edit_that_keeps_the_weights_exports_that_network_again(tmp_pat
     after = json.loads((out / "manifest.json").read_text())
     assert after["networks"]["sr1024"]["files"] != before["networks"]["sr1024"]["files"]
     assert after["networks"]["sr1024"]["config"] != before["networks"]["sr1024"]["config"]
+    # an export of other stages after an edit drops the edited network's entry (never stamped as current)
+    cfg["norm_eps"] = 0.25
+    cfg_path.write_text(json.dumps(cfg))
+    assert export_model(load_model(folder), out, ["text_proj"], source=str(folder))[0].skipped
+    assert "sr1024" not in json.loads((out / "manifest.json").read_text())["networks"]
+    export_model(load_model(folder), out, stages, source=str(folder))
+    after = json.loads((out / "manifest.json").read_text())
     # an entry of an older export (no config record): kept for the unchanged folder, which records it now ...
     old = {**after, "networks": {n: {k: v for k, v in e.items() if k != "config"}
                                  for n, e in after["networks"].items()}}
@@ -611,5 +618,8 @@ def test_an_export_never_writes_over_a_users_files(runner, tmp_path):
     _one_line_error(runner.invoke(main, ["cat", *FAST, "--engines", "r"]), "r holds files that are not engines")
     assert (tmp_path / "r" / "decoder.onnx").read_text() == "keep"
     _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", ""]), "--out needs a folder name")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "manifest.json").write_text("[]")  # JSON, but no manifest
+    _one_line_error(runner.invoke(export_main, ["--model", "tiny", "--out", "j"]), "j holds files that are not engines")
     _ok(runner.invoke(export_main, ["--model", "tiny", "--out", "e", "--stage", "text_encoder", "--force"]))
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["networks"].keys() == {"text_encoder"}

@@ -138,11 +138,14 @@ def test_deterministic_and_resumable(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
 
     hook = register_optimizer_step_post_hook(sigint_on_the_11th_step)
+    # Python's own Ctrl-C handler, whatever started pytest (a background job of a script starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(tr.Interrupted) as stop:
             tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=_quiet)
     finally:
         hook.remove()
+        signal.signal(signal.SIGINT, previous)
     assert (stop.value.stage, stop.value.step, stop.value.ckpt) == ("clip", 11, tmp_path / "c.ckpt" / "clip.pt")
     assert torch.load(stop.value.ckpt, weights_only=False)["step"] == 11
     lines: list[str] = []

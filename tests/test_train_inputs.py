@@ -46,6 +46,8 @@ def _refused(tmp_path, *args) -> str:
     (["--seed", str(tr.MAX_SEED + 1)], "--seed must be an integer in 0 ..."),
     (["--checkpoints", "{tmp}/afile"], "is a file; give a folder"),
     (["--out", "{tmp}/afile"], "--out {tmp}/afile is a file; choose a new or empty folder"),
+    (["--out", ""], "--out needs a folder name"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder of other files (afile)"),  # a folder whose name ends the path
     (["--out", "{tmp}/m", "--stage", "prior"], "--stage prior reads the clip stage, which {tmp}/m does not have yet: "
      "train clip first (unclip-train --out {tmp}/m --config smoke --stage clip), or every stage"),
     (["--stage", "decoder", "--stage", "sr256", "--seed", "3"], "train clip first (unclip-train --out {tmp}/m "
@@ -149,8 +151,8 @@ def test_ctrl_c_checkpoints_the_running_stage_and_says_so(tmp_path, monkeypatch)
 @pytest.mark.parametrize("call, error, last", [
     (1, KeyboardInterrupt, "interrupted before clip's first step finished, so there was nothing of it to keep; run "
                            "the same command to start it again"),
-    (None, KeyboardInterrupt, "interrupted; the finished stages are kept in {tmp}/m: run the same command to "
-                              "continue"),
+    (None, KeyboardInterrupt, "interrupted before training started; nothing was kept: run the same command to "
+                              "start"),
     (None, RuntimeError, None),
 ])
 def test_a_start_that_kept_nothing_leaves_nothing(tmp_path, monkeypatch, call, error, last):
