@@ -115,22 +115,33 @@ class _Loop:
 
 @contextlib.contextmanager
 def _held_interrupt():
-    """Hold a Ctrl-C (SIGINT) back until the block is done, then raise it: the block's updates happen whole."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield  # only the main thread takes signals; None: a handler not set from Python, which can't be put back
+    """Hold a Ctrl-C (SIGINT) or a `kill` (SIGTERM) back until the block is done, then deliver it: the block's updates
+    happen whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread takes signals
         return
+    # None: a handler not set from Python, which can't be put back
+    previous = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None}
     caught: list = []
-    signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    for s in previous:
+        signal.signal(s, lambda *args: caught.append(args))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and previous is not signal.SIG_IGN:
-        if callable(previous):
-            previous(*caught[0])  # Python's default handler raises KeyboardInterrupt
-        else:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if caught and previous[caught[0][0]] is not signal.SIG_IGN:
+        signum, handler = caught[0][0], previous[caught[0][0]]
+        if callable(handler):
+            handler(*caught[0])  # Python's default SIGINT handler raises KeyboardInterrupt; main's SIGTERM one too
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
+        else:
+            os.kill(os.getpid(), signum)  # the default action, now that the step is whole
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _checkpoint(stage: st.Stage, ema: dict, opt: torch.optim.Optimizer, loop: _Loop) -> dict:
@@ -491,6 +502,8 @@ def main(out, config, seed, device, checkpoints, threads, only, precision):
         raise click.ClickException(f"--threads must be in 0 ... {MAX_THREADS} (0: torch's default), got {threads}")
     if threads:
         torch.set_num_threads(threads)
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `kill` stops as Ctrl-C does: checkpointed
     try:
         path = train(out, config, seed, device, precision, tuple(only), checkpoints=Checkpoints(checkpoints))
     except KeyboardInterrupt as e:
@@ -498,6 +511,9 @@ def main(out, config, seed, device, checkpoints, threads, only, precision):
         sys.exit(130)
     except (UnclipError, PermissionError) as e:  # PermissionError: a folder this user may not write
         raise click.ClickException(one_line(e)) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, term if term is not None else signal.SIG_DFL)
     click.echo(str(path))
 
 

@@ -148,6 +148,32 @@ def test_ctrl_c_checkpoints_the_running_stage_and_says_so(tmp_path, monkeypatch)
     assert torch.load(ckpt, weights_only=False)["step"] == 2 and (tmp_path / "m" / "training.json").is_file()
 
 
+def test_a_kill_during_a_step_checkpoints_it_whole(tmp_path):
+    """SIGTERM (`kill`, a service manager) during clip's 5th optimiser step: held until the step is done, then the
+    same path as Ctrl-C (the checkpoint holds step 5, exit 130); the test process's own SIGTERM handler is put back."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    steps: list[int] = []
+
+    def kill_on_the_5th_step(*_):
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    hook = register_optimizer_step_post_hook(kill_on_the_5th_step)
+    try:
+        code, err, out = _invoke(tmp_path, "--stage", "clip")
+    finally:
+        hook.remove()
+    ckpt = tmp_path / "m.ckpt" / "clip.pt"
+    assert code == 130 and err[-1].startswith(f"interrupted: clip stopped at step 5/30, checkpointed in {ckpt}"), err
+    assert torch.load(ckpt, weights_only=False)["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 @pytest.mark.parametrize("call, error, last", [
     (1, KeyboardInterrupt, "interrupted before clip's first step finished, so there was nothing of it to keep; run "
                            "the same command to start it again"),
