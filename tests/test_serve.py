@@ -275,9 +275,12 @@ def test_prometheus_metrics_show_the_batches_and_requests(service):
         # calls of more than one image: more observations in all than in the bucket of at most 1
         larger = [st for st in ("prior", "decoder", "sr256") if series.get(("ray_unclip_stage_batch_images_count", st), 0)
                   > series.get(("ray_unclip_stage_batch_images_bucket", st, "1.0"), 0)]
+        # every series the asserts below read: each stage's replica exports on its own clock
         if series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6 and larger and \
                 series.get(("ray_unclip_request_seconds_count", "/v1/images"), 0) >= 6 and \
-                series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1:
+                series.get(("ray_unclip_stage_batch_seconds_count", "decoder"), 0) >= 1 and \
+                all(("ray_unclip_stage_batch_images_bucket", st, "1.0") in series
+                    for st in ("prior", "decoder", "sr256")):
             break
         time.sleep(2)
     assert series.get(("ray_unclip_requests_total", "/v1/images", "200"), 0) >= 6, sorted(series)[:20]
