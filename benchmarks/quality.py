@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import importlib.util
-import os
 import platform
 import statistics
 import sys
@@ -190,19 +189,10 @@ def backend_runs(entries: list[str]) -> list[str]:
 
 
 def check_folder(path: str, flag: str) -> None:
-    """A folder that exists or can be created (its nearest existing parent a writable folder); exits 2 if not."""
-    p = Path(path)
-    if p.exists():
-        if not p.is_dir():
-            fail(f"{flag} {path}: exists and is not a folder; pass a folder", 2)
-        if not os.access(p, os.W_OK | os.X_OK):
-            fail(f"{flag} {path}: this user may not write in it; pass a folder of your own", 2)
-        return
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"{flag} {path}: cannot be created ({parent} is not a writable folder); pass another folder", 2)
+    """A folder that exists or can be created; exits 2 if not."""
+    from unclip.engine.outputs import folder_problem
+    if problem := folder_problem(path, flag):
+        fail(problem, 2)
 
 
 def check_options(a) -> list[str]:

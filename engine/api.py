@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from unclip.core.console import images_progress
 from unclip.core.errors import RequestError
 from unclip.engine import manipulate as mp
 from unclip.engine.backend import model_name, open_backend
@@ -60,7 +61,7 @@ def _images(req: Request, b, image, save, progress) -> list:
     for first in range(0, total, chunk):
         n = min(chunk, total - first)
         s = replace(req.settings, num_images=n)
-        step = _counted(progress, first, n, total)
+        step = images_progress(progress, first, n, total)
         if image is not None:
             res = mp.variation(b, b.spec, s, image, req.invert, step, keep=req.dump is not None, first_image=first)
         else:
@@ -93,10 +94,3 @@ def _frames(req: Request, b, image, save, progress) -> None:
     if len(done) > 1:
         save(mp.contact_sheet(done), f"{stem}-{req.settings.seed}-sheet.png", extra)
 
-
-def _counted(progress, first: int, n: int, total: int):
-    """The progress callback with the images being made in front: 'images 5-8/20 decoder 12/25'."""
-    if progress is None or total == 1:
-        return progress
-    label = f"images {first + 1}-{first + n}/{total}" if n > 1 else f"image {first + 1}/{total}"
-    return lambda stage, i, steps: progress(f"{label} {stage}", i, steps)

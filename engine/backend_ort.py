@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from unclip.core import values
 from unclip.core.artifacts import read_manifest, verify_files
 from unclip.core.contract import Contract
 from unclip.core.errors import BackendUnavailable, ExportError
 from unclip.core.packages import require_onnxruntime
 from unclip.core.spec import ModelSpec
-from unclip.engine.backend import ExportedGraphs, failed
+from unclip.engine.backend import ExportedGraphs, check_device, failed
 
 _NP = {"float32": np.float32, "int64": np.int64}
 _TORCH = {"float32": torch.float32, "int64": torch.int64}
@@ -24,6 +25,8 @@ class OnnxRuntimeBackend(ExportedGraphs):
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", fix: str | None = None,
                  threads: int | None = None):
+        device = check_device(str(device))
+        export_dir = values.path("engines", export_dir)
         self.ort = require_onnxruntime()
         self.threads = threads  # intra-op threads per session on the CPU; None: onnxruntime's default (the cores)
         self.dir = Path(export_dir)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 
 import torch
+from unclip.core import values
 from unclip.core.contract import contracts
+from unclip.core.errors import RequestError
 from unclip.core.spec import spec_from_model
 from unclip.core.stages import IMAGE_STAGES, STAGES, network_precision
-from unclip.engine.backend import failed
+from unclip.engine.backend import check_device, failed
 from unclip.engine.static import StaticNetwork
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -29,9 +31,18 @@ class TorchBackend:
                  channels_last: bool = True, copy: bool = True, mode: str = "eager"):
         """With copy=False the backend converts `model`'s networks in place (to the device, dtype and memory
         format) instead of converting copies: for callers that hand the model over."""
-        assert mode in MODES, mode
+        if not callable(getattr(model, "networks", None)):
+            raise RequestError(f"TorchBackend takes a loaded model (unclip.models.load_model(folder) or "
+                               f"build_preset('demo')), got {model!r} ({type(model).__name__})")
+        if mode not in MODES:
+            raise RequestError(f"--torch-mode {mode!r} is not one of {', '.join(MODES)}")
+        if precision not in DTYPES:
+            raise RequestError(f"--precision {precision!r} is not available with --backend torch (choose "
+                               f"{', '.join(DTYPES)})")
+        if values.whole("max_batch", max_batch) < 1:
+            raise RequestError(f"--max-batch must be at least 1, got {max_batch}")
         self.spec = spec_from_model(model)  # read before any conversion: the statistics stay fp32
-        self.device = torch.device(device)
+        self.device = check_device(device) if isinstance(device, str) else torch.device(device)
         self.dtype = DTYPES[precision]  # of the U-Nets; bf16 keeps the embedding networks fp32 (network_precision)
         self.contracts = contracts(self.spec, max_batch)
         self.mode, self.channels_last = mode, channels_last

@@ -3,12 +3,14 @@ between two image embeddings, and text diffs; all on the same engines as text-to
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from unclip.core import values
 from unclip.core.errors import RequestError
 from unclip.core.spec import ModelSpec
 from unclip.engine import samplers
@@ -17,6 +19,7 @@ from unclip.engine.pipeline import (
     Result,
     Settings,
     Text,
+    check_call,
     decoder_model,
     encode_text,
     finish,
@@ -52,6 +55,30 @@ def load_image(path: str | Path):
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageInputError(f"{path}: not a readable image ({e.__class__.__name__}); pass a PNG, JPEG or WebP "
                               "file") from None
+    return _rgb(img)
+
+
+def image_input(img, name: str = "the image"):
+    """What a Python caller passes as an image: a file's path (str or pathlib.Path), a PIL image of any mode, or a
+    uint8 array (H, W), (H, W, 3) or (H, W, 4); as RGB, converted as load_image converts files."""
+    from PIL import Image
+    if isinstance(img, (str, os.PathLike)):
+        return load_image(img)
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)) \
+                or 0 in img.shape:
+            raise ImageInputError(f"{name}: an array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got "
+                                  f"{img.dtype} {img.shape}; e.g. np.asarray(pil_image.convert('RGB'))")
+        img = Image.fromarray(img)
+    if not isinstance(img, Image.Image):
+        raise ImageInputError(f"{name} must be an image file's path, a PIL image or a uint8 array (H, W, 3), got "
+                              f"{type(img).__name__}")
+    return _rgb(img)
+
+
+def _rgb(img):
+    """Any PIL image as RGB: alpha composited on white, palette, greyscale and 16-bit converted."""
+    from PIL import Image
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit greyscale: scale, don't clip
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I") else (1.0 if a.max() <= 1.0 else 255.0)  # I: 16-bit sources
@@ -138,7 +165,9 @@ def ddim_invert(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, t
 def variation(backend, spec: ModelSpec, settings: Settings, img, invert: bool = False, progress=None,
               keep: bool = False, first_image: int = 0) -> Result:
     """Variations of an image: its CLIP image embedding -> decoder -> upsamplers, no prior, prompt "" both halves."""
+    check_call(backend, spec, settings)
     settings = for_model(settings, spec)
+    img = image_input(img)
     n = settings.num_images
     z = image_embedding(backend, spec, img).expand(n, -1)
     text = empty_text(backend, spec, settings, n)
@@ -169,9 +198,11 @@ def image_or_prompt(item: str):
 
 
 def _endpoint(backend, spec, settings, item, noise: Noise):
-    """A prompt (str) or an image (PIL) -> (z (1, D), text conditioning for the decoder, whether it is a prompt)."""
+    """A prompt (str) or an image (a PIL image, an array or a pathlib.Path) -> (z (1, D), text conditioning for the
+    decoder, whether it is a prompt)."""
     if not isinstance(item, str):
-        return image_embedding(backend, spec, item), empty_text(backend, spec, settings, 1), False
+        img = image_input(item)
+        return image_embedding(backend, spec, img), empty_text(backend, spec, settings, 1), False
     text = encode_text(backend, spec, [item], settings)
     return sample_prior(backend, spec, settings, text, noise).z, text, True
 
@@ -186,8 +217,10 @@ def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int,
     """Frames (H, W, 3) uint8 of slerp(z_a, z_b, theta), theta = 0 ... 1, yielded one by one, with the decoder and
     upsampler noise fixed across frames. A and B are prompts (str) or images (PIL); frame 0 and the last frame equal
     plain generation from A and B."""
+    check_call(backend, spec, settings)
     settings = for_model(settings, spec)
-    assert frames >= 2, frames
+    if values.whole("frames", frames) < 2:
+        raise RequestError(f"--frames must be at least 2 for an interpolation (A and B), got {frames}")
     noise = Noise(settings.seed, 1, backend.device)
     za, ta, pa = _endpoint(backend, spec, settings, a, noise)
     state_after_a = noise.get_state()
@@ -207,9 +240,13 @@ def text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[
               frames: int = 1, progress=None):
     """Edit toward `after` and away from `before`: z_theta = slerp(z, normalise(e_after - e_before), theta), for
     theta in [0, amount] (one frame: theta = amount), frames yielded one by one; the decoder noise is fixed."""
+    check_call(backend, spec, settings)
     settings = for_model(settings, spec)
-    assert 0.0 <= amount <= 1.0, amount
-    before, after = diff
+    if not 0.0 <= values.real("amount", amount) <= 1.0:
+        raise RequestError(f"--amount {amount} is outside [0, 1]; the paper uses 0.25 to 0.5")
+    if values.whole("frames", frames) < 1:
+        raise RequestError(f"--frames must be at least 1, got {frames}")
+    before, after = values.pair("text_diff", diff)
     pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))
     d = pair.e[1] - pair.e[0]
     if float(d.norm()) < 1e-6 * max(float(pair.e.norm()), 1e-12):

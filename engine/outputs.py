@@ -6,6 +6,7 @@ taken instead (NAME-1.png, NAME-2.png, ...), atomically, so concurrent runs into
 Files get the permissions the umask gives (0644 under umask 022), like any tool's."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -55,6 +56,7 @@ def write_file(path: Path, write, overwrite: bool = False) -> Path:
     write error (a full disk, a folder removed meanwhile) is one line naming the file."""
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the first result creates the folder (check_writable didn't)
         tmp = _temp(path.parent, path.name)
         write(tmp)
         return place(tmp, path, overwrite)
@@ -76,17 +78,41 @@ def save_png(image: torch.Tensor, path: Path, params: dict, overwrite: bool = Fa
     return write_file(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
+def folder_problem(path: str, flag: str) -> str | None:
+    """Why `path` can't be an output folder, or None: it must be a folder this user may write in, or one that can be
+    created (its nearest existing parent a writable folder). Checks only: nothing is created (a run that fails its
+    other checks leaves no trace)."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            return f"{flag} {path}: exists and is not a folder; pass a folder"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"{flag} {path}: this user may not write in it; pass a folder of your own"
+        return None
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: cannot be created ({parent} is not a writable folder); pass another folder"
+    return None
+
+
 def check_writable(folder: str, flag: str) -> Path:
-    """Create `folder` if needed and prove it writable with an exclusive temporary file (no fixed probe name);
-    temporary files that killed runs left behind over an hour ago are removed."""
-    out = Path(folder)
+    """Prove that results can be written in `folder` with an exclusive temporary file (no fixed probe name): in it,
+    or where it doesn't exist yet, in its nearest existing parent (the first result written creates it, so a run
+    that fails before writing leaves no empty folder). Temporary files that killed runs left behind over an hour ago
+    are removed."""
+    out = probe = Path(folder)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        os.unlink(_temp(out, "write-check"))
+        while not probe.exists() and probe != probe.absolute().parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is not a folder")
+        os.unlink(_temp(probe, "write-check"))
     except OSError as e:
         raise RequestError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose a writable folder") from None
     now = time.time()
-    for p in out.glob(".*.tmp"):
+    for p in out.glob(".*.tmp") if out.is_dir() else ():
         try:
             if now - p.lstat().st_mtime > 3600:
                 p.unlink()
@@ -101,7 +127,7 @@ def check_dump(folder: str, overwrite: bool) -> Path:
         if not overwrite:
             raise RequestError(f"--dump {folder} already holds a dump; choose another folder or pass --overwrite")
         return out
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if others:  # a dump writes NAME.npy files of its own choosing: it never writes over a user's files
         raise RequestError(f"--dump {folder} holds files that are not a dump ({', '.join(others[:3])}"
                            f"{', ...' if len(others) > 3 else ''}); choose an empty or new folder")

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from unclip.core import values
 from unclip.core.errors import NonFiniteError, RequestError
 from unclip.core.spec import ModelSpec
 from unclip.core.stages import IMAGE_STAGES, NETWORK_STAGE, STAGES, can_guide, guided
@@ -34,13 +35,23 @@ KARLO_DEFAULTS = {**KARLO_GUIDANCE, **KARLO_STEPS}
 
 def for_model(settings: Settings, spec: ModelSpec) -> Settings:
     """`settings` with each guidance scale and step count left at None set to the model's own (spec.defaults, from
-    the folder's generation_config.json), or else to Karlo's. Every entry point calls it; a resolved Settings passes
-    unchanged."""
+    the folder's generation_config.json), or else to Karlo's; a step count over its stage's trained timesteps is
+    refused. Every entry point calls it; a resolved Settings passes unchanged."""
     unset = [k for k in KARLO_DEFAULTS if getattr(settings, k) is None]
-    if not unset:
-        return settings
-    kind = {**dict.fromkeys(KARLO_GUIDANCE, float), **dict.fromkeys(KARLO_STEPS, int)}
-    return replace(settings, **{k: kind[k](spec.defaults.get(k, KARLO_DEFAULTS[k])) for k in unset})
+    if unset:
+        kind = {**dict.fromkeys(KARLO_GUIDANCE, float), **dict.fromkeys(KARLO_STEPS, int)}
+        settings = replace(settings, **{k: kind[k](spec.defaults.get(k, KARLO_DEFAULTS[k])) for k in unset})
+    sizes, size = image_sizes(spec), settings.size or max(image_sizes(spec))  # the stages that run up to the size
+    runs = IMAGE_STAGES[:IMAGE_STAGES.index(sizes[size]) + 1] if size in sizes else IMAGE_STAGES  # (a bad size: later)
+    for stage in (STAGES[s] for s in ("prior", *runs)):  # more steps than trained timesteps would repeat timesteps
+        trained = spec.schedulers.get(stage.scheduler, {}).get("num_train_timesteps")
+        n = getattr(settings, stage.steps)
+        if trained and n > trained:
+            where = (f"the model's generation_config.json sets {stage.steps} {n}," if stage.steps in unset else
+                     f"--{stage.steps.replace('_', '-')} {n} is")
+            raise RequestError(f"{where} more than the {trained} timesteps {stage.name} was trained with; pass "
+                               f"--{stage.steps.replace('_', '-')} {trained} or fewer")
+    return settings
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,13 @@ class Settings:
     negative: str = ""  # the prompt of the unconditional half (prior and decoder)
 
     def __post_init__(self):
+        for name in ("seed", "num_images", "size", *KARLO_STEPS):  # types first: a notebook's numpy ints are fine
+            object.__setattr__(self, name, values.whole(name, getattr(self, name), optional=name not in (
+                "seed", "num_images")))
+        for name in (*KARLO_GUIDANCE, "eta"):
+            object.__setattr__(self, name, values.real(name, getattr(self, name), optional=name != "eta"))
+        for name in ("sampler", "negative"):
+            values.text(name, getattr(self, name))
         for name in ("prior_steps", "decoder_steps", "sr256_steps", "sr1024_steps", "num_images"):
             v = getattr(self, name)
             if (v is not None or name == "num_images") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -102,7 +120,8 @@ def final_stage(spec: ModelSpec, size: int | None) -> str:
 
 class Noise:
     """Seeded standard-normal draws, independent of the backend: one CPU generator per image (seed + i), drawn in
-    diffusers' order, moved to the device. Image i is the same whether it is generated alone or in a batch."""
+    diffusers' order, moved to the device. Image i draws the same noise whether it is generated alone or in a batch
+    (the networks' arithmetic at another batch size may still differ in the last bits: a grey level here and there)."""
 
     def __init__(self, seed: int, n: int, device: torch.device, first: int = 0):
         self.gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
@@ -350,14 +369,34 @@ def finish(backend, spec: ModelSpec, settings: Settings, z: torch.Tensor, text: 
     return Result(to_uint8(image), inter)
 
 
+def check_call(backend, spec: ModelSpec, settings: Settings) -> None:
+    """What a direct caller of generate() or the unclip.engine.manipulate functions passes: Settings, and the spec of
+    this backend's model (another model's would index its networks out of range; its generation defaults may
+    differ: they are the caller's to choose)."""
+    if not isinstance(settings, Settings):
+        raise RequestError(f"settings must be an unclip.engine.pipeline.Settings, got {settings!r} "
+                           f"({type(settings).__name__}); e.g. Settings(seed=1, num_images=4)")
+    if spec is not backend.spec and replace(spec, defaults={}) != replace(backend.spec, defaults={}):
+        which = (f"that of model {spec.name!r}, and the backend runs model {backend.spec.name!r}"
+                 if spec.name != backend.spec.name else f"that of another version of model {spec.name!r} than the "
+                 "backend's")
+        raise RequestError(f"spec is {which}; pass backend.spec")
+
+
 def generate(backend, spec: ModelSpec, prompt: str | list[str], settings: Settings = Settings(),
              progress: Progress | None = None, first_image: int = 0, keep: bool = False,
              candidates: int = 1) -> Result:
     """settings.num_images images of one prompt, or one image per prompt of a list; image i draws its noise from
-    seed + first_image + i, so a request split into chunks gives the same images as one batch."""
+    seed + first_image + i, so a request split into chunks draws the same noise as one batch (and gives the same
+    images within the last bits of the networks' arithmetic at each batch size)."""
+    check_call(backend, spec, settings)
     settings = for_model(settings, spec)
     final_stage(spec, settings.size)  # refuse a size the model doesn't make before any work
-    prompts = [prompt] * settings.num_images if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] * settings.num_images if isinstance(prompt, str) else values.texts("prompts", prompt)
+    if not prompts:
+        raise RequestError("no prompts: pass a prompt (str, \"\" for unconditional) or a non-empty list of them")
+    if values.whole("prior_candidates", candidates) < 1:
+        raise RequestError(f"--prior-candidates must be at least 1, got {candidates}")
     noise = Noise(settings.seed, len(prompts), backend.device, first=first_image)
     text = encode_text(backend, spec, prompts, settings)
     prior = sample_prior(backend, spec, settings, text, noise, progress, candidates)

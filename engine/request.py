@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unclip.core import values
 from unclip.core.errors import RequestError
 from unclip.engine import samplers
 from unclip.engine.backend import BACKENDS, PRECISIONS
@@ -82,6 +84,7 @@ class Request:
         return len(self.prompts) if self.prompts is not None else self.settings.num_images
 
     def __post_init__(self):
+        self._check_types()
         check_backend_choice(self.backend, self.precision, self.torch_mode)
         if self.max_batch < 1:
             raise RequestError(f"--max-batch must be at least 1, got {self.max_batch}")
@@ -119,6 +122,39 @@ class Request:
         if self.mode == "generate" and self.prompt is None and self.prompts is None:
             raise RequestError("give a PROMPT (\"\" for unconditional), --prompts FILE, --variation IMAGE or "
                                "--interpolate A B")
+
+    def _check_types(self):
+        """Each field's type (a Python caller's values: numpy ints, Paths, config-file strings), normalised to what
+        the command line gives, before any other check reads them."""
+        def put(name, v):
+            object.__setattr__(self, name, v)
+        if not isinstance(self.settings, Settings):
+            raise RequestError(f"settings must be an unclip.engine.pipeline.Settings, got {self.settings!r} "
+                               f"({type(self.settings).__name__}); e.g. Settings(seed=1, num_images=4)")
+        put("prompt", values.text("prompt", self.prompt, optional=True))
+        if self.prompts is not None:
+            put("prompts", values.texts("prompts", self.prompts))
+        for name in ("backend", "device", "precision", "torch_mode"):
+            values.text(name, getattr(self, name))
+        put("model", values.path("model", self.model, what="a model folder"))
+        put("out", values.path("out", self.out))
+        put("engines", values.path("engines", self.engines, optional=True))
+        put("dump", values.path("dump", self.dump, optional=True))
+        if not isinstance(self.variation, (str, os.PathLike)) and hasattr(self.variation, "size"):  # PIL, array
+            raise RequestError(f"--variation must be an image file's path (a str or pathlib.Path), got an object "
+                               f"of type {type(self.variation).__name__}; save the image first, or pass it to "
+                               "unclip.engine.manipulate.variation(backend, spec, settings, image)")
+        put("variation", values.path("variation", self.variation, optional=True, what="an image file"))
+        for name in ("overwrite", "invert"):
+            put(name, values.flag(name, getattr(self, name)))
+        if self.interpolate is not None:
+            put("interpolate", values.pair("interpolate", self.interpolate, paths=True))
+        if self.text_diff is not None:
+            put("text_diff", values.pair("text_diff", self.text_diff))
+        for name in ("max_batch", "prior_candidates", "max_images"):
+            put(name, values.whole(name, getattr(self, name)))
+        put("frames", values.whole("frames", self.frames, optional=True))
+        put("amount", values.real("amount", self.amount))
 
     def _check_frames(self):
         if self.interpolate and self.frames is None:

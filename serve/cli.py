@@ -2,6 +2,8 @@
 serve until Ctrl-C; then shut Serve (and a Ray it started) down."""
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import time
 
@@ -50,6 +52,21 @@ def _check_port(host: str, port: int, flag: str) -> None:
 
 def _stop(signum, frame):
     raise KeyboardInterrupt
+
+
+def _cores_warning(cfg: ServeConfig, local: bool) -> str | None:
+    """--cores that can't do what it says: ignored under --shared-compute; on this machine, more cores than this
+    process may use (lanes past them only take turns on the same cores). A cluster's machines are not counted."""
+    if cfg.cores is None:
+        return None
+    if not cfg.node_lock:
+        return f"--cores {cfg.cores} has no effect with shared compute (--shared-compute, the default on cuda: the " \
+               "stages compute at once); leave it out, or add --exclusive-compute"
+    have = len(os.sched_getaffinity(0))
+    if local and cfg.cores > have:
+        return f"--cores {cfg.cores} is more than the {have} cores this process may use: the lanes past {have} " \
+               f"only take turns on the same cores; pass --cores {have} or leave it out"
+    return None
 
 
 def _check_gpus(stages: dict) -> None:
@@ -105,6 +122,8 @@ def main(host, port, address, metrics_port, replicas, num_cpus, num_gpus, batch_
             if cfg.device.startswith("cuda") and cfg.stages[s].num_gpus == 0:
                 raise UnclipError(f"--device {cfg.device} needs a GPU for every stage's replicas, and stage {s} "
                                   f"asks for none: give it --num-gpus {s}=1 (or a fraction, e.g. all=0.25)")
+        if warning := _cores_warning(cfg, address is None):
+            logging.getLogger("unclip").warning(warning)
         if address is None:  # this machine's GPUs (a cluster's are Ray's to count)
             _check_gpus({s: cfg.stages[s] for s in model_stages(cfg.model)})
         _check_port(host, port, "--port")

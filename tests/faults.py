@@ -1,5 +1,6 @@
-"""What the fault tests share (tests/test_hardening.py, tests/test_permissions.py): the fast CLI options, the
-one-line-error checks for click's runner and for real subprocesses, and unclip-run started as a real process."""
+"""What the fault tests share (tests/test_hardening.py, tests/test_permissions.py, tests/test_train*.py): the fast
+CLI options, the one-line-error checks for click's runner and for real subprocesses, unclip-run started as a real
+process, and a training step that raises (Ctrl-C or a failure) at a chosen point."""
 from __future__ import annotations
 
 import signal
@@ -47,3 +48,31 @@ def _popen(args, cwd, **kw):
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def interrupt_training(monkeypatch, stage: str, call: int | None, error=KeyboardInterrupt):
+    """`stage`'s training step number `call` (1-based) raises `error` after drawing its batch (the data generators
+    moved on) and before the optimiser step, so a checkpoint must hold the step before; None: building the stage
+    raises. The held-out loss (no grad) does not count as a step."""
+    import torch
+    from unclip.demo import stages as st
+    real_build, calls = st.build, []
+
+    def build(name, ctx):
+        if name == stage and call is None:
+            raise error
+        s = real_build(name, ctx)
+        if name == stage:
+            real_loss = s.loss
+
+            def loss():
+                out = real_loss()
+                if torch.is_grad_enabled():
+                    calls.append(1)
+                    if len(calls) == call:
+                        raise error
+                return out
+            s.loss = loss
+        return s
+
+    monkeypatch.setattr(st, "build", build)

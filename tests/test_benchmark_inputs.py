@@ -202,10 +202,21 @@ def test_quality_script_exits_with_one_line(earlier, args, rc, expected):
     assert _files(earlier) == before
 
 
+@functools.cache
+def _demo_spec():
+    """The demo model's description with no generation defaults of its own (for_model reads its sizes and
+    schedulers)."""
+    from dataclasses import replace
+
+    from unclip.core.spec import spec_from_model
+    from unclip.models import build_preset
+    return replace(spec_from_model(build_preset("demo")), defaults={})
+
+
 def _quality_offline(monkeypatch, images=None):
     """quality.py with a backend that draws flat grey images (the judge and the report are the real ones)."""
     q = _module("quality")
-    monkeypatch.setattr(q, "open_backend", lambda req, notify: SimpleNamespace(spec=SimpleNamespace(defaults={})))
+    monkeypatch.setattr(q, "open_backend", lambda req, notify: SimpleNamespace(spec=_demo_spec()))
     monkeypatch.setattr(q, "generate_many", images or (lambda b, prompts, settings, batch:
                                                        [np.full((32, 32, 3), 128, np.uint8) for _ in prompts]))
     monkeypatch.setattr(q, "seconds_per_image", lambda b, settings: 0.5)
@@ -247,3 +258,26 @@ def test_quality_that_fails_half_way_writes_nothing(earlier, monkeypatch, capsys
     assert e.value.code == 1
     _one_line_error(capsys.readouterr().err, "failed to run decoder (boom)")
     assert _files(earlier) == before
+
+
+def test_an_output_folder_is_checked_without_creating_anything(tmp_path, monkeypatch):
+    """The check both scripts make on --out / --pictures: a file, a folder this user may not write in, a path below a
+    file or below a folder this user may not write in are refused with the fix; a new nested folder is fine; nothing
+    is created either way."""
+    from unclip.engine.outputs import folder_problem
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not str(p).endswith("ro"))
+    before = _files(tmp_path), sorted(tmp_path.rglob("*"))
+    assert folder_problem(str(tmp_path / "f"), "--out") == f"--out {tmp_path}/f: exists and is not a folder; pass a " \
+                                                          "folder"
+    assert folder_problem(str(tmp_path / "ro"), "--pictures") == f"--pictures {tmp_path}/ro: this user may not " \
+                                                                 "write in it; pass a folder of your own"
+    assert folder_problem(str(tmp_path / "f" / "a" / "b"), "--out") == \
+        f"--out {tmp_path}/f/a/b: cannot be created ({tmp_path}/f is not a writable folder); pass another folder"
+    assert folder_problem(str(tmp_path / "ro" / "a"), "--out") == \
+        f"--out {tmp_path}/ro/a: cannot be created ({tmp_path}/ro is not a writable folder); pass another folder"
+    assert folder_problem(str(tmp_path / "new" / "deeper"), "--out") is None
+    assert folder_problem(str(tmp_path), "--out") is None
+    assert (_files(tmp_path), sorted(tmp_path.rglob("*"))) == before

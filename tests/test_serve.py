@@ -414,10 +414,11 @@ def test_a_model_without_sr1024_gets_no_sr1024_deployment(service, tmp_path):
 
 def test_a_killed_replica_is_replaced_and_its_requests_fail_clearly(url, ort):
     import ray
-    slow = {"prompt": "a slow one", "seed": 1, "size": 16, "steps": {"prior": 5000, "decoder": 3}}
+    # the prior's most steps (its 1000 trained timesteps) at the server's most images: seconds on the tiny model
+    slow = {"prompt": "a slow one", "seed": 1, "size": 16, "num_images": 4, "steps": {"prior": 1000, "decoder": 3}}
     with ThreadPoolExecutor(3) as pool:
-        pending = [pool.submit(post, url + "/v1/images", {**slow, "seed": s}) for s in (1, 2, 3)]
-        time.sleep(1.0)  # the prior is sampling 5000 steps now (seconds on the tiny model)
+        pending = [pool.submit(post, url + "/v1/images", {**slow, "seed": s}) for s in (1, 5, 9)]
+        time.sleep(0.5)  # the prior is sampling now
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "prior" in a["name"] and
                  "REPLICA" in a["name"].upper()]
         assert len(names) == 1, names

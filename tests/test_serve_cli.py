@@ -51,6 +51,25 @@ def test_bad_options_are_one_line_before_ray_starts(args, words, tmp_path):
     assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
 
 
+@pytest.mark.parametrize("args,warning", [
+    (["--cores", "1"], None),
+    (["--cores", str(len(os.sched_getaffinity(0)) + 7)], f"warning: --cores {len(os.sched_getaffinity(0)) + 7} is "
+     f"more than the {len(os.sched_getaffinity(0))} cores this process may use: the lanes past "
+     f"{len(os.sched_getaffinity(0))} only take turns on the same cores; pass --cores {len(os.sched_getaffinity(0))} "
+     "or leave it out"),
+    (["--cores", "99", "--address", "10.0.0.1:6379"], None),  # a cluster's cores are not this machine's
+    (["--cores", "1", "--shared-compute"], "warning: --cores 1 has no effect with shared compute"),
+])
+def test_cores_that_cannot_take_effect_are_named(args, warning, tmp_path):
+    """Warned before Ray starts (here the bad --port stops the command right after the warning)."""
+    r = CliRunner().invoke(main, ["--model", "tiny", "--engines", str(tmp_path / "e"), *args, "--port", "0"])
+    assert r.exit_code == 1 and "--port 0 is not a TCP port" in r.output, r.output
+    if warning is None:
+        assert "warning:" not in r.output, r.output
+    else:
+        assert r.output.count("warning:") == 1 and warning in r.output, r.output
+
+
 def test_a_port_in_use_is_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

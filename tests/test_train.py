@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from faults import interrupt_training
 from safetensors.torch import load_file
 from unclip.demo import stages as st
 from unclip.demo import train as tr
@@ -98,29 +99,6 @@ def _weights(folder):
     return out
 
 
-def _stop_in_loss(monkeypatch, stage: str, call: int):
-    """Ctrl-C inside `stage`'s training step number `call` (1-based), after its batch was drawn (the data generators
-    moved on) and before the optimiser step: the checkpoint must hold the step before."""
-    real_build, calls = st.build, []
-
-    def build(name, ctx):
-        s = real_build(name, ctx)
-        if name == stage:
-            real_loss = s.loss
-
-            def loss():
-                out = real_loss()
-                if torch.is_grad_enabled():  # a training step, not the held-out loss
-                    calls.append(1)
-                    if len(calls) == call:
-                        raise KeyboardInterrupt
-                return out
-            s.loss = loss
-        return s
-
-    monkeypatch.setattr(st, "build", build)
-
-
 def test_deterministic_and_resumable(tmp_path, monkeypatch):
     """Two runs give the same weights, and so does a run stopped by Ctrl-C twice and continued with the same command
     each time: once by a real SIGINT arriving during clip's 11th optimiser step (held back until the step is done),
@@ -149,7 +127,7 @@ def test_deterministic_and_resumable(tmp_path, monkeypatch):
     assert (stop.value.stage, stop.value.step, stop.value.ckpt) == ("clip", 11, tmp_path / "c.ckpt" / "clip.pt")
     assert torch.load(stop.value.ckpt, weights_only=False)["step"] == 11
     lines: list[str] = []
-    _stop_in_loss(monkeypatch, "prior", 18)
+    interrupt_training(monkeypatch, "prior", 18)
     with pytest.raises(tr.Interrupted) as stop:
         tr.train(tmp_path / "c", "smoke", seed=1, only=only, echo=lambda m, nl=True: lines.append(m))
     assert any("resuming at step 11" in line and line.startswith("clip") for line in lines), lines

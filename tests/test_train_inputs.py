@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from unclip.demo import stages as st
+from faults import interrupt_training
 from unclip.demo import train as tr
 
 
@@ -115,31 +115,8 @@ def test_a_recorded_stage_whose_folder_is_gone_is_named(tmp_path):
         _refused(tmp_path, "--stage", "prior")
 
 
-def _interrupt_clip(monkeypatch, call: int | None, error=KeyboardInterrupt):
-    """clip's training step number `call` raises `error` after drawing its batch (None: building the stage does)."""
-    real_build, calls = st.build, []
-
-    def build(name, ctx):
-        if call is None:
-            raise error
-        s = real_build(name, ctx)
-        real_loss = s.loss
-
-        def loss():
-            out = real_loss()
-            if torch.is_grad_enabled():
-                calls.append(1)
-                if len(calls) == call:
-                    raise error
-            return out
-        s.loss = loss
-        return s
-
-    monkeypatch.setattr(st, "build", build)
-
-
 def test_ctrl_c_checkpoints_the_running_stage_and_says_so(tmp_path, monkeypatch):
-    _interrupt_clip(monkeypatch, 3)
+    interrupt_training(monkeypatch, "clip", 3)
     code, err, out = _invoke(tmp_path, "--stage", "clip")
     ckpt = tmp_path / "m.ckpt" / "clip.pt"
     assert code == 130 and out == "" and "Aborted!" not in err[-1], (code, err)
@@ -184,7 +161,7 @@ def test_a_kill_during_a_step_checkpoints_it_whole(tmp_path):
 def test_a_start_that_kept_nothing_leaves_nothing(tmp_path, monkeypatch, call, error, last):
     """Stopped or failed before a step finished: the run takes back what it wrote, so a later run with another seed
     is not refused as a folder of another seed."""
-    _interrupt_clip(monkeypatch, call, error)
+    interrupt_training(monkeypatch, "clip", call, error)
     res = CliRunner().invoke(tr.main, ["--out", str(tmp_path / "m"), "--config", "smoke", "--stage", "clip"])
     if last is None:
         assert isinstance(res.exception, RuntimeError)
