@@ -480,6 +480,9 @@ def parse_steps(text: str | None) -> list[int]:
         steps = []
     if len(steps) != 4 or min(steps) < 1:
         fail(f"--steps must be four whole numbers >= 1, prior,decoder,sr256,sr1024 (e.g. 25,25,7,15), got {text!r}", 2)
+    if max(steps) > 1000:  # the runtime refuses more steps than timesteps, after the export: say so before any work
+        fail(f"--steps {text}: at most 1000 per stage (the timesteps every built-in model and Karlo were trained "
+             "with)", 2)
     return steps
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from unclip.core import values
 from unclip.core.artifacts import read_manifest, verify_files
 from unclip.core.contract import Contract
-from unclip.core.errors import BackendUnavailable, ExportError
+from unclip.core.errors import BackendUnavailable, ExportError, RequestError
 from unclip.core.spec import ModelSpec
 from unclip.core.stages import network_precision
-from unclip.engine.backend import ExportedGraphs, failed
+from unclip.engine.backend import PRECISIONS, ExportedGraphs, failed
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT
 _NP = {"float32": np.float32, "int64": np.int64}
@@ -77,7 +78,10 @@ class OpenVINOBackend(ExportedGraphs):
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", fix: str | None = None, threads: int = 0):
         ov = require_openvino()
-        self.dir = Path(export_dir)
+        if precision not in PRECISIONS["openvino"]:
+            raise RequestError(f"--precision {precision!r} is not available with --backend openvino (choose "
+                               f"{', '.join(PRECISIONS['openvino'])})")
+        self.dir = Path(values.path("engines", export_dir))
         self.fix = fix or f"unclip-export --out {self.dir}"
         self.manifest = read_manifest(self.dir, self.fix)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from unclip.core import values
 from unclip.core.artifacts import read_manifest, verify_files
 from unclip.core.contract import Contract
 from unclip.core.errors import ExportError
@@ -21,7 +22,7 @@ class TensorRTBackend(ExportedGraphs):  # pragma: no cover - needs TensorRT and 
 
     def __init__(self, export_dir: str | Path, device: str = "cuda", fix: str = "unclip-export --trt"):
         trt = require_tensorrt()
-        self.dir = Path(export_dir)
+        self.dir = Path(values.path("engines", export_dir))
         self.fix = fix
         self.manifest = read_manifest(self.dir, fix)
         try:

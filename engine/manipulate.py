@@ -215,12 +215,18 @@ def _blend_text(a: Text, b: Text, theta: float) -> Text:
 
 def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int, progress=None):
     """Frames (H, W, 3) uint8 of slerp(z_a, z_b, theta), theta = 0 ... 1, yielded one by one, with the decoder and
-    upsampler noise fixed across frames. A and B are prompts (str) or images (PIL); frame 0 and the last frame equal
-    plain generation from A and B."""
+    upsampler noise fixed across frames. A and B are prompts (str) or images (see image_input); frame 0 and the last
+    frame equal plain generation from A and B. The arguments are checked at the call, the frames made as they are
+    taken."""
     check_call(backend, spec, settings)
     settings = for_model(settings, spec)
     if values.whole("frames", frames) < 2:
         raise RequestError(f"--frames must be at least 2 for an interpolation (A and B), got {frames}")
+    a, b = (x if isinstance(x, str) else image_input(x) for x in (a, b))
+    return _interpolate(backend, spec, settings, a, b, frames, progress)
+
+
+def _interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int, progress):
     noise = Noise(settings.seed, 1, backend.device)
     za, ta, pa = _endpoint(backend, spec, settings, a, noise)
     state_after_a = noise.get_state()
@@ -239,7 +245,8 @@ def interpolate(backend, spec: ModelSpec, settings: Settings, a, b, frames: int,
 def text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[str, str], amount: float,
               frames: int = 1, progress=None):
     """Edit toward `after` and away from `before`: z_theta = slerp(z, normalise(e_after - e_before), theta), for
-    theta in [0, amount] (one frame: theta = amount), frames yielded one by one; the decoder noise is fixed."""
+    theta in [0, amount] (one frame: theta = amount), frames yielded one by one; the decoder noise is fixed. The
+    arguments are checked at the call, the frames made as they are taken."""
     check_call(backend, spec, settings)
     settings = for_model(settings, spec)
     if not 0.0 <= values.real("amount", amount) <= 1.0:
@@ -247,6 +254,13 @@ def text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[
     if values.whole("frames", frames) < 1:
         raise RequestError(f"--frames must be at least 1, got {frames}")
     before, after = values.pair("text_diff", diff)
+    source = source if isinstance(source, str) else image_input(source)
+    return _text_diff(backend, spec, settings, source, (before, after), amount, frames, progress)
+
+
+def _text_diff(backend, spec: ModelSpec, settings: Settings, source, diff: tuple[str, str], amount: float,
+               frames: int, progress):
+    before, after = diff
     pair = encode_text(backend, spec, [before, after], replace(settings, prior_guidance=1.0, decoder_guidance=1.0))
     d = pair.e[1] - pair.e[0]
     if float(d.norm()) < 1e-6 * max(float(pair.e.norm()), 1e-12):

@@ -3,6 +3,7 @@ weights: `tiny` (tests), `small` (real Karlo image sizes at a small width) and `
 shapes plus the paper's 256->1024 upsampler; build it on the meta device to inspect)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,10 @@ def resolve_model(model: str) -> UnCLIPModel:
                              "pass --model PATH to a downloaded Karlo folder instead")
     if model in NAMES:
         return build_preset(model)
+    near = str(model).strip().lower()
+    if near in NAMES and not os.path.isdir(model):  # 'Tiny', 'demo ': a built-in name, mistyped
+        raise ModelLoadError(f"{model!r}: no such model folder; the built-in model is {near!r} (built in: "
+                             f"{', '.join(NAMES)})")
     from unclip.models.io import load_model
     return load_model(model)
 

@@ -122,12 +122,12 @@ def test_generate_and_the_manipulations_check_their_arguments(tiny):
     # defaults of its export; spec_from_model(model) reads today's)
     other = replace(b.spec, defaults={"decoder_guidance": 1.0})
     assert generate(b, other, "a", Settings(**S, size=16)).images.shape == (1, 16, 16, 3)
-    _refused(lambda: list(mp.interpolate(b, b.spec, ST, "a", "b", 1)), "--frames must be at least 2")
-    _refused(lambda: list(mp.text_diff(b, b.spec, ST, "a", ("circle", "square"), 2.0)),
+    _refused(lambda: mp.interpolate(b, b.spec, ST, "a", "b", 1), "--frames must be at least 2")  # at the call
+    _refused(lambda: mp.text_diff(b, b.spec, ST, "a", ("circle", "square"), 2.0),
              "--amount 2.0 is outside [0, 1]")
-    _refused(lambda: list(mp.text_diff(b, b.spec, ST, "a", ("circle", "square"), 0.5, frames=0)),
+    _refused(lambda: mp.text_diff(b, b.spec, ST, "a", ("circle", "square"), 0.5, frames=0),
              "--frames must be at least 1, got 0")
-    _refused(lambda: list(mp.text_diff(b, b.spec, ST, "a", "cs", 0.5)), "--text-diff takes two texts")
+    _refused(lambda: mp.text_diff(b, b.spec, ST, "a", "cs", 0.5), "--text-diff takes two texts")
 
 
 def test_step_counts_above_the_trained_timesteps_are_refused(tiny):
@@ -170,6 +170,12 @@ def test_images_come_as_paths_pil_images_of_any_mode_or_arrays(tiny, tmp_path):
         mp.variation(b, b.spec, ST, [1, 2])
 
 
+def _openvino():
+    pytest.importorskip("openvino")  # an optional extra (declared for tests)
+    from unclip.engine.backend_ov import OpenVINOBackend
+    return OpenVINOBackend
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda m: TorchBackend(m, precision="fp64"), "--precision 'fp64' is not available with --backend torch"),
     (lambda m: TorchBackend(m, mode="Eager"), "--torch-mode 'Eager' is not one of eager, static, cuda-graphs"),
@@ -178,6 +184,8 @@ def test_images_come_as_paths_pil_images_of_any_mode_or_arrays(tiny, tmp_path):
     (lambda m: TorchBackend(m, max_batch=0), "--max-batch must be at least 1, got 0"),
     (lambda m: OnnxRuntimeBackend("e", device="foo"), "--device 'foo' is not supported"),
     (lambda m: OnnxRuntimeBackend(None), "--engines must be a folder's path (a str or pathlib.Path), got None"),
+    (lambda m: _openvino()("e", precision="fp64"), "--precision 'fp64' is not available with --backend openvino"),
+    (lambda m: _openvino()(None), "--engines must be a folder's path (a str or pathlib.Path), got None"),
 ])
 def test_backends_opened_directly_check_their_options(make, message):
     _refused(lambda: make(build_preset("tiny")), message)
@@ -211,3 +219,13 @@ def test_overwrite_no_as_a_string_keeps_the_users_image(tmp_path):
     second = run(Request(prompt="a blue square", out=tmp_path, overwrite=False, model="tiny", backend="torch",
                          settings=ST))[0]
     assert first.read_bytes() == before and second.name == "0-0-1.png"
+
+
+@pytest.mark.parametrize("name,meant", [("Tiny", "tiny"), ("demo ", "demo")])
+def test_a_mistyped_built_in_name_names_the_model(name, meant, tmp_path):
+    from unclip.core.errors import ModelLoadError
+    with pytest.raises(ModelLoadError) as e:
+        run(Request(prompt="a", model=name, backend="torch", out=tmp_path / "o", settings=ST))
+    assert str(e.value) == f"{name!r}: no such model folder; the built-in model is {meant!r} (built in: demo, tiny, " \
+                           "small, karlo)"
+    assert not (tmp_path / "o").exists()

@@ -76,6 +76,7 @@ LATENCY_CASES = [
     (["--steps", "0,0,0,0"], 2, "--steps must be four whole numbers >= 1"),
     (["--steps", "1,2"], 2, "--steps must be four whole numbers >= 1"),
     (["--steps", "a,b,c,d"], 2, "got 'a,b,c,d'"),
+    (["--steps", "2000,25,7,15"], 2, "--steps 2000,25,7,15: at most 1000 per stage (the timesteps every built-in"),
     (["--preset", "nope"], 2, "invalid choice: 'nope'"),
     (["--model", "empty"], 1, "not an unCLIP model folder (no model_index.json)"),
     (["--out", "results/latency.md"], 2, "exists and is not a folder"),
